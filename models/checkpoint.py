@@ -1,0 +1,179 @@
+"""Load and save HF-format checkpoints (safetensors directories, GGUF files).
+
+Loading builds the model abstractly (shapes only), then streams tensors one at
+a time from disk straight into their target sharding: the host never holds
+two full copies of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from medssr_jax.sharding import logical_to_sharding
+from models import params as hf_params
+from models import safetensors_io
+from models.config import ModelConfig
+from models.transformer import Transformer
+
+
+def _get(obj, path):
+    for key in path:
+        obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+    return obj
+
+
+def param_items(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Param]]:
+    """(path, Param) for every parameter, in a stable order."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            yield tuple(path), node
+
+
+def _sharding_for(var: nnx.Param, mesh: Mesh | None):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return logical_to_sharding(var.axes, mesh, var.shape)
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    """Host array -> device array in its sharding; each device gets only its shard."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def abstract_model(cfg: ModelConfig, mesh: Mesh | None = None) -> Transformer:
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
+    """Place every parameter in the sharding its logical axes map to."""
+    for _, var in param_items(model):
+        var.value = jax.device_put(var[...], _sharding_for(var, mesh))
+    return model
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> Transformer:
+    """A random-weight model (N(0, 0.02) matrices, unit norms), sharded on `mesh`."""
+    return shard_model(Transformer(cfg, rngs=nnx.Rngs(seed), mesh=mesh), mesh)
+
+
+def load_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray, str]],
+                 mesh: Mesh | None = None, source: str = "checkpoint") -> Transformer:
+    """Fill a model from (HF name, host array, file) triples, checking every tensor."""
+    model = abstract_model(cfg, mesh)
+    expected = set(hf_params.expected_hf_names(cfg))
+    seen: set[str] = set()
+    for name, host, where in tensors:
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # some tied checkpoints store the shared matrix twice
+        if name in seen:
+            raise ValueError(f"{where}: tensor {name!r} appears twice")
+        mapped = hf_params.hf_to_path(name)
+        if mapped is None or name not in expected:
+            raise ValueError(f"{where}: unexpected tensor {name!r} for a {cfg.family} model "
+                             f"with {cfg.num_layers} layers")
+        path, transform = mapped
+        var = _get(model, path)
+        if not np.issubdtype(host.dtype, np.floating) and host.dtype.name != "bfloat16":
+            raise ValueError(f"{where}: tensor {name!r} has non-float dtype {host.dtype}")
+        try:
+            arr = transform(np.asarray(host), cfg)
+        except ValueError:
+            arr = None
+        if arr is None or arr.shape != tuple(var.shape):
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(host.shape)}, which does not "
+                             f"fit parameter {'/'.join(map(str, path))} of shape {tuple(var.shape)}")
+        var.value = _place(arr.astype(var.dtype), _sharding_for(var, mesh))
+        seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"{source}: missing tensors {missing[:5]}{more}")
+    return model
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
+                    mesh: Mesh | None = None, **config_overrides) -> tuple[Transformer, ModelConfig]:
+    """Load an HF directory (config.json + safetensors) or a Llama-architecture .gguf file."""
+    path = Path(path)
+    overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.suffix == ".gguf":
+        from models import gguf
+        g = gguf.GGUFFile(path)
+        cfg = ModelConfig.from_hf(gguf.hf_config_from_gguf(g), source=str(path), **overrides)
+        if "chat_template" not in config_overrides and "smollm" in str(g.metadata.get("general.name", "")).lower():
+            cfg = cfg.replace(chat_template="smollm2")
+        tensors = ((name, arr, str(path)) for name, arr in gguf.iter_hf_tensors(g))
+        return load_tensors(cfg, tensors, mesh, str(path)), cfg
+    if not path.is_dir():
+        raise ValueError(f"{path}: expected an HF checkpoint directory or a .gguf file")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: missing (needed to build the model)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+    cfg = ModelConfig.from_hf(hf, source=str(config_file), **overrides)
+    tensors = ((name, arr, str(f)) for name, arr, f in safetensors_io.iter_tensors(path))
+    return load_tensors(cfg, tensors, mesh, str(path)), cfg
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike, *,
+                    dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write an HF directory (config.json + safetensors) that transformers loads.
+
+    Written into a temporary directory and renamed, so a crash leaves no
+    half-written checkpoint. `dtype` overrides the stored dtype (default: the
+    parameters' own).
+    """
+    out = Path(out_dir)
+    items = {hf_params.path_to_hf(path)[0]: (path, var) for path, var in param_items(model)}
+    target = np.dtype(dtype) if dtype else None
+    hf_cfg = config.to_hf()
+    specs = []
+    for name, (path, var) in items.items():
+        shape = hf_params.path_to_hf(path)[1](np.empty(var.shape, np.int8), config).shape
+        dt = target or np.dtype(var.dtype)
+        specs.append((name, shape, dt))
+    if target is not None:
+        hf_cfg["torch_dtype"] = str(target)
+    if jax.process_index() != 0:
+        for _, (_, var) in items.items():  # take part in the collective gathers
+            _to_host(var[...])
+        return out
+
+    def fetch(name):
+        path, var = items[name]
+        return hf_params.path_to_hf(path)[1](_to_host(var[...]), config)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        safetensors_io.write_sharded(tmp, specs, fetch, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
