@@ -7,6 +7,7 @@ H head dim, F MLP width, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -82,27 +83,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, n, h)
 
 
-def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
-                            prefix_mask: jax.Array, k: jax.Array, v: jax.Array,
-                            mask: jax.Array) -> jax.Array:
-    """Attention of n samples per prompt over one shared prompt KV plus their own KV.
+def multi_source_attention(q: jax.Array, shared: list, own: list) -> jax.Array:
+    """Decode attention of n samples per prompt over several key sets, one softmax.
 
-    q [P, n, T, N, H]; prefix_k/v [P, Sp, K, H] (read once per prompt group);
-    prefix_mask [P, Sp]; k/v [P, n, S, K, H]; mask [P, n, T, S].
-    One softmax over the concatenation of both key sets.
+    q [P, n, T, N, H]. `shared`: (k, v, mask) with k/v [P, S, K, H] and mask
+    [P, S]: the prompt's KV, read once per prompt group rather than once per
+    sample. `own`: (k, v, mask) with k/v [P, n, S, K, H] and mask broadcastable
+    to [P, n, T, S], or None when every slot is valid.
     """
     p, ns, t, n, h = q.shape
-    kv = prefix_k.shape[2]
+    kv = (shared or own)[0][0].shape[-2]
     qg = q.reshape(p, ns, t, kv, n // kv, h)
     scale = h ** -0.5
-    s_pre = jnp.einsum("PNTKGH,PSKH->PNKGTS", qg, prefix_k, preferred_element_type=jnp.float32) * scale
-    s_pre = jnp.where(prefix_mask[:, None, None, None, None, :], s_pre, MASK_VALUE)
-    s_own = jnp.einsum("PNTKGH,PNSKH->PNKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-    s_own = jnp.where(mask[:, :, None, None, :, :], s_own, MASK_VALUE)
-    m = jnp.maximum(s_pre.max(-1, keepdims=True), s_own.max(-1, keepdims=True))
-    e_pre = jnp.exp(s_pre - m)
-    e_own = jnp.exp(s_own - m)
-    denom = e_pre.sum(-1, keepdims=True) + e_own.sum(-1, keepdims=True)
-    out = (jnp.einsum("PNKGTS,PSKH->PNTKGH", (e_pre / denom).astype(v.dtype), prefix_v)
-           + jnp.einsum("PNKGTS,PNSKH->PNTKGH", (e_own / denom).astype(v.dtype), v))
+    scores, values = [], []
+    for k, v, mask in shared:
+        s = jnp.einsum("PNTKGH,PSKH->PNKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            s = jnp.where(mask[:, None, None, None, None, :], s, MASK_VALUE)
+        scores.append(s)
+        values.append(("PNKGTS,PSKH->PNTKGH", v))
+    for k, v, mask in own:
+        s = jnp.einsum("PNTKGH,PNSKH->PNKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            s = jnp.where(mask[:, :, None, None, :, :], s, MASK_VALUE)
+        scores.append(s)
+        values.append(("PNKGTS,PNSKH->PNTKGH", v))
+    m = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    exps = [jnp.exp(s - m) for s in scores]
+    inv = 1.0 / sum(e.sum(-1, keepdims=True) for e in exps)
+    out = sum(jnp.einsum(spec, (e * inv).astype(v.dtype), v) for e, (spec, v) in zip(exps, values))
     return out.reshape(p, ns, t, n, h)

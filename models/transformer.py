@@ -187,9 +187,14 @@ class PrefixKV(NamedTuple):
     mask: jax.Array           # [P, Sp] True where a real (non-padding) token
 
 
-class SampleKV(NamedTuple):
-    """The samples' own KV: static shape, written at one slot per decode step."""
-    k: tuple[jax.Array, ...]  # per layer [P, n, Sd, K, H]
+class ChunkKV(NamedTuple):
+    """The samples' own KV for one chunk of C decode steps: [P, n, C, K, H] per layer.
+
+    Generated KV lives in fixed-size chunks, each its own buffer: a decode step
+    reads the finished chunks and the current one, so it never reads the empty
+    tail of a full-length cache and never copies a slice of it.
+    """
+    k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
 
@@ -207,37 +212,36 @@ def prefill(model: Transformer, tokens: jax.Array, attention_mask: jax.Array
                             attention_mask.astype(bool))
 
 
-def init_sample_kv(cfg: ModelConfig, num_prompts: int, n: int, length: int,
-                   dtype=None) -> SampleKV:
+def empty_chunk(cfg: ModelConfig, num_prompts: int, n: int, length: int, dtype=None) -> ChunkKV:
     dtype = dtype or cfg.jnp_dtype
     shape = (num_prompts, n, length, cfg.num_kv_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return SampleKV(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+    return ChunkKV(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
 def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, prefix: PrefixKV,
-                cache: SampleKV, slot: jax.Array) -> tuple[jax.Array, SampleKV]:
-    """One token for every sample: tokens/positions [P*n]; writes KV at `slot`.
+                finished: tuple[ChunkKV, ...], current: ChunkKV, slot: jax.Array
+                ) -> tuple[jax.Array, ChunkKV]:
+    """One token for every sample: tokens/positions [P*n]; writes its KV at `slot` of `current`.
 
-    Returns fp32 logits [P*n, V] and the updated cache.
+    Returns fp32 logits [P*n, V] and the updated current chunk.
     """
-    p, n, sd = cache.k[0].shape[:3]
-    new_k, new_v = list(cache.k), list(cache.v)
-    own_mask = (jnp.arange(sd) <= slot)[None, None, None, :]  # [1, 1, T=1, Sd]
+    p, n, c = current.k[0].shape[:3]
+    new_k, new_v = list(current.k), list(current.v)
+    current_mask = (jnp.arange(c) <= slot)[None, None, None, :]  # [1, 1, T=1, C]
 
     def attend_for_layer(i):
         def attend(q, k, v):
-            k = k.reshape(p, n, 1, *k.shape[2:])
-            v = v.reshape(p, n, 1, *v.shape[2:])
-            ck = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(cache.k[i].dtype), slot, axis=2)
-            cv = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(cache.v[i].dtype), slot, axis=2)
-            new_k[i], new_v[i] = ck, cv
-            out = layers.shared_prefix_attention(
-                q.reshape(p, n, 1, *q.shape[2:]), prefix.k[i], prefix.v[i], prefix.mask,
-                ck, cv, own_mask)
+            k = k.reshape(p, n, 1, *k.shape[2:]).astype(current.k[i].dtype)
+            v = v.reshape(p, n, 1, *v.shape[2:]).astype(current.v[i].dtype)
+            new_k[i] = jax.lax.dynamic_update_slice_in_dim(current.k[i], k, slot, axis=2)
+            new_v[i] = jax.lax.dynamic_update_slice_in_dim(current.v[i], v, slot, axis=2)
+            own = [(ch.k[i], ch.v[i], None) for ch in finished] + [(new_k[i], new_v[i], current_mask)]
+            out = layers.multi_source_attention(
+                q.reshape(p, n, 1, *q.shape[2:]), [(prefix.k[i], prefix.v[i], prefix.mask)], own)
             return out.reshape(p * n, 1, *q.shape[2:]), None
         return attend
 
     hidden, _ = run_layers(model, tokens[:, None], positions[:, None], attend_for_layer)
     logits = logits_from_hidden(model, hidden[:, 0])
-    return logits, SampleKV(tuple(new_k), tuple(new_v))
+    return logits, ChunkKV(tuple(new_k), tuple(new_v))

@@ -1,0 +1,270 @@
+"""One sampler for rollouts, majority voting, evaluation and serving.
+
+    generate(model, prompts, n=8, max_new_tokens=512, temperature=1.0, ...)
+
+- Prompts of any lengths are left-padded into a bucketed shape and prefilled
+  once (jitted); the n samples of a prompt share that prompt's KV: during
+  decode it is read once per prompt group, and memory holds one copy.
+- Decoding runs in jitted chunks of `chunk_size` steps (a `lax.while_loop`
+  that stops early once every sequence is done). Each chunk's KV is a buffer
+  of its own, donated between calls while it is being written; a step reads
+  the prompt KV, the finished chunks and the current one, so the attention
+  cost follows the real length, not a full-length cache.
+- Per-token logprobs are those of the sampled token under the model's
+  distribution at the sampling temperature, *before* any top-p / top-k
+  truncation: log_softmax(logits / T). This is the "old logprob" convention
+  of verl's GRPO, so the importance ratio at the first update is exactly 1.
+  With temperature 0 (greedy) the logprobs are log_softmax(logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from models.transformer import ChunkKV, PrefixKV, Transformer, decode_step, empty_chunk, prefill
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "eos" (an EOS/stop token, included in tokens) or "length"
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class Generation(list):
+    """Per prompt, a list of n Completions; `.stats` holds timings and throughput."""
+
+    stats: dict
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, params: SamplingParams
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row of fp32 logits [B, V]; returns (tokens, logprobs)."""
+    temperature = params.temperature if not params.greedy else 1.0
+    scaled = logits / temperature
+    logprobs = jax.nn.log_softmax(scaled, axis=-1)
+    if params.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        masked = scaled
+        if params.top_k or params.top_p < 1:
+            k = params.top_k or logits.shape[-1]
+            top_vals = jax.lax.top_k(scaled, k)[0]  # sorted, descending
+            threshold = top_vals[:, -1:]
+            if params.top_p < 1:
+                probs = jax.nn.softmax(top_vals, axis=-1)
+                before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+                keep = before < params.top_p  # the top token is always kept
+                threshold = jnp.min(jnp.where(keep, top_vals, jnp.inf), axis=-1, keepdims=True)
+            masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+        tokens = jax.random.categorical(key, masked, axis=-1)
+    tokens = tokens.astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+# --- jitted pieces ------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "n"))
+def _prefill_and_first(graphdef, state, tokens, mask, alive, key, eos, *, params, n):
+    model = nnx.merge(graphdef, state)
+    logits, prefix = prefill(model, tokens, mask)
+    logits = jnp.repeat(logits, n, axis=0)
+    tok, lp = sample_logits(logits, jax.random.fold_in(key, 0), params)
+    done = ~alive | _is_eos(tok, eos)
+    return prefix, tok, lp, done
+
+
+def _is_eos(tokens, eos):
+    return (tokens[:, None] == eos[None, :]).any(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("current",))
+def _decode_chunk(graphdef, state, prefix: PrefixKV, finished: tuple[ChunkKV, ...], current: ChunkKV,
+                  last, positions, done, key, step0, max_steps, eos, pad_id, *, params):
+    """Up to `max_steps` decode steps writing into `current`; stops when all are done."""
+    model = nnx.merge(graphdef, state)
+    batch, chunk = last.shape[0], current.k[0].shape[2]
+
+    def cond(c):
+        i, _, _, _, done, _, _ = c
+        return (i < max_steps) & ~jnp.all(done)
+
+    def body(c):
+        i, cur, last, pos, done, toks, lps = c
+        logits, cur = decode_step(model, last, pos, prefix, finished, cur, i)
+        tok, lp = sample_logits(logits, jax.random.fold_in(key, step0 + i + 1), params)
+        tok = jnp.where(done, pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
+        lps = jax.lax.dynamic_update_slice_in_dim(lps, lp[:, None], i, axis=1)
+        return i + 1, cur, tok, pos + 1, done | _is_eos(tok, eos), toks, lps
+
+    init = (jnp.int32(0), current, last, positions, done,
+            jnp.full((batch, chunk), pad_id, jnp.int32), jnp.zeros((batch, chunk), jnp.float32))
+    steps, current, last, positions, done, toks, lps = jax.lax.while_loop(cond, body, init)
+    return current, last, positions, done, toks, lps, steps
+
+
+# --- the public entry point ---------------------------------------------------
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _bucket_prompts(p: int, multiple: int) -> int:
+    """Prompt-count buckets 1, 2, 4, 8, then multiples of 8 (and of the data shards)."""
+    b = 1 << max(p - 1, 0).bit_length() if p <= 8 else _round_up(p, 8)
+    return _round_up(b, multiple)
+
+
+def _console_progress(stats: dict) -> None:
+    print(f"\rsampling: {stats['generated']:,} tokens, {stats['tokens_per_s']:,.0f} tok/s, "
+          f"{stats['running']}/{stats['batch']} running", end="", file=sys.stderr, flush=True)
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1,
+             max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0, eos_ids: Sequence[int] | None = None,
+             pad_id: int = 0, chunk_size: int = 128, prompt_bucket: int = 32,
+             progress: bool | Callable[[dict], None] | None = None) -> Generation:
+    """Sample n completions for each prompt (token-id lists of any lengths).
+
+    eos_ids: tokens that end a sequence (included in its tokens, finish_reason
+    "eos"); default the model config's. Greedy when temperature == 0.
+    progress: True prints tokens/s to stderr after every chunk, a callable
+    receives the stats dict, None prints only for large batches.
+    """
+    cfg = model.config
+    params = SamplingParams(float(temperature), float(top_p), int(top_k))
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not prompts:
+        raise ValueError("no prompts given")
+    prompts = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+        if len(p) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"the model's context of {cfg.max_position_embeddings}")
+    eos = list(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    eos_arr = jnp.asarray(eos or [-1], jnp.int32)
+
+    mesh = model.mesh
+    data_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    num = len(prompts)
+    p_pad = _bucket_prompts(num, data_shards)
+    s_pad = _round_up(max(len(p) for p in prompts), prompt_bucket)
+    tokens = np.full((p_pad, s_pad), pad_id, np.int32)
+    mask = np.zeros((p_pad, s_pad), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, s_pad - len(p):] = p
+        mask[i, s_pad - len(p):] = True
+    tokens[num:, -1] = pad_id  # bucket filler: one token, finished from the start
+    mask[num:, -1] = True
+    lengths = mask.sum(-1)
+    batch = p_pad * n
+    alive = np.repeat(np.arange(p_pad) < num, n)
+    positions = np.repeat(lengths, n).astype(np.int32)
+
+    def put(x):
+        x = jnp.asarray(x)
+        if mesh is None:
+            return x
+        spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(seed)
+    show = progress if callable(progress) else (_console_progress if (
+        progress or (progress is None and batch * max_new_tokens >= 1 << 16)) else None)
+
+    t0 = time.perf_counter()
+    prefix, last, lp0, done = _prefill_and_first(
+        graphdef, state, put(tokens), put(mask), put(alive), key, eos_arr, params=params, n=n)
+    out_tokens, out_logprobs = [np.asarray(last)[:, None]], [np.asarray(lp0)[:, None]]
+    t_prefill = time.perf_counter() - t0
+
+    chunk = min(chunk_size, max(max_new_tokens - 1, 1))
+    finished: tuple[ChunkKV, ...] = ()
+    positions = put(positions)
+    generated, step = batch, 0
+    while step < max_new_tokens - 1 and not bool(jnp.all(done)):
+        current = empty_chunk(cfg, p_pad, n, chunk)
+        steps_left = min(chunk, max_new_tokens - 1 - step)
+        current, last, positions, done, toks, lps, ran = _decode_chunk(
+            graphdef, state, prefix, finished, current, last, positions, done, key,
+            jnp.int32(step), jnp.int32(steps_left), eos_arr, jnp.int32(pad_id), params=params)
+        ran = int(ran)
+        out_tokens.append(np.asarray(toks)[:, :ran])
+        out_logprobs.append(np.asarray(lps)[:, :ran])
+        finished = finished + (current,)
+        step += ran
+        generated += batch * ran
+        if show:
+            elapsed = time.perf_counter() - t0
+            show(dict(generated=generated, tokens_per_s=generated / elapsed,
+                      running=int((~np.asarray(done)).sum()), batch=batch))
+    elapsed = time.perf_counter() - t0
+    if show is _console_progress:
+        print(file=sys.stderr)
+
+    all_tokens = np.concatenate(out_tokens, axis=1)
+    all_logprobs = np.concatenate(out_logprobs, axis=1)
+    eos_set = set(eos)
+    result = Generation()
+    for i in range(num):
+        group = []
+        for j in range(n):
+            row = i * n + j
+            toks = all_tokens[row].tolist()
+            end = next((k + 1 for k, t in enumerate(toks) if t in eos_set), None)
+            reason = "eos" if end is not None else "length"
+            end = end or min(len(toks), max_new_tokens)
+            group.append(Completion(toks[:end], all_logprobs[row, :end].tolist(), reason))
+        result.append(group)
+    useful = sum(c.length for g in result for c in g)
+    result.stats = dict(seconds=elapsed, prefill_seconds=t_prefill, generated_tokens=useful,
+                        decode_steps=step + 1, batch=batch, tokens_per_s=useful / elapsed)
+    return result
