@@ -49,12 +49,20 @@ class ModelConfig:
     # Numerics: weights stored in param_dtype, matmuls in dtype, norms/softmax/logits in fp32.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    # Recompute each layer's activations in the backward pass (training memory).
-    remat: bool = False
+    # Backward-pass recomputation per layer: "none", "full" (save only layer inputs)
+    # or "dots" (save matmul outputs, recompute the rest).
+    remat: str = "none"
+    # Full-sequence attention: "xla" (einsum + fp32 softmax, the parity reference) or
+    # "cudnn" (jax.nn.dot_product_attention's fused kernel, GPU only).
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         if self.family not in ("qwen3", "llama"):
             raise ValueError(f"model family {self.family!r} not supported (qwen3, llama)")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention_impl must be xla or cudnn, got {self.attention_impl!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")

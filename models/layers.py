@@ -7,7 +7,6 @@ H head dim, F MLP width, V vocabulary.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -86,30 +85,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 def multi_source_attention(q: jax.Array, shared: list, own: list) -> jax.Array:
     """Decode attention of n samples per prompt over several key sets, one softmax.
 
-    q [P, n, T, N, H]. `shared`: (k, v, mask) with k/v [P, S, K, H] and mask
+    q [P, n, T, N, H]. `shared`: (k, v, mask) with k/v [P, K, S, H] and mask
     [P, S]: the prompt's KV, read once per prompt group rather than once per
-    sample. `own`: (k, v, mask) with k/v [P, n, S, K, H] and mask broadcastable
-    to [P, n, T, S], or None when every slot is valid.
+    sample. `own`: (k, v, mask) with k/v [P, n, K, S, H] and mask broadcastable
+    to [P, n, T, S], or None when every slot is valid. KV is stored with the
+    batch-like axes leading and S next to H so each dot reads it in place
+    (no per-step transpose of the cache).
     """
     p, ns, t, n, h = q.shape
-    kv = (shared or own)[0][0].shape[-2]
+    kv = (shared or own)[0][0].shape[-3]
     qg = q.reshape(p, ns, t, kv, n // kv, h)
     scale = h ** -0.5
     scores, values = [], []
     for k, v, mask in shared:
-        s = jnp.einsum("PNTKGH,PSKH->PNKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("PNTKGH,PKSH->PNKGTS", qg, k, preferred_element_type=jnp.float32) * scale
         if mask is not None:
             s = jnp.where(mask[:, None, None, None, None, :], s, MASK_VALUE)
         scores.append(s)
-        values.append(("PNKGTS,PSKH->PNTKGH", v))
+        values.append(("PNKGTS,PKSH->PNTKGH", v))
     for k, v, mask in own:
-        s = jnp.einsum("PNTKGH,PNSKH->PNKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("PNTKGH,PNKSH->PNKGTS", qg, k, preferred_element_type=jnp.float32) * scale
         if mask is not None:
             s = jnp.where(mask[:, :, None, None, :, :], s, MASK_VALUE)
         scores.append(s)
-        values.append(("PNKGTS,PNSKH->PNTKGH", v))
-    m = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
-    exps = [jnp.exp(s - m) for s in scores]
-    inv = 1.0 / sum(e.sum(-1, keepdims=True) for e in exps)
-    out = sum(jnp.einsum(spec, (e * inv).astype(v.dtype), v) for e, (spec, v) in zip(exps, values))
+        values.append(("PNKGTS,PNKSH->PNTKGH", v))
+    # One softmax over the concatenated score blocks (scores are small: no KV is copied).
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out, start = 0, 0
+    for s, (spec, v) in zip(scores, values):
+        width = s.shape[-1]
+        out = out + jnp.einsum(spec, probs[..., start:start + width].astype(v.dtype), v)
+        start += width
     return out.reshape(p, ns, t, n, h)

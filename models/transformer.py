@@ -20,6 +20,10 @@ from models import layers
 from models.config import ModelConfig
 
 Weights = dict[str, jax.Array]
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class Block(nnx.Module):
@@ -116,7 +120,7 @@ def block_forward(w: Weights, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg:
 
 
 def run_layers(model: Transformer, tokens: jax.Array, positions: jax.Array,
-               attend_for_layer: Callable[[int], AttendFn], remat: bool = False):
+               attend_for_layer: Callable[[int], AttendFn], remat: str = "none"):
     """Embed, run every block, final norm. Returns (hidden [B,T,D], collected per layer).
 
     remat recomputes each block in the backward pass; only for attend functions
@@ -131,8 +135,8 @@ def run_layers(model: Transformer, tokens: jax.Array, positions: jax.Array,
     for i, block in enumerate(model.layers):
         fn = lambda w, x, cos, sin, attend=attend_for_layer(i): block_forward(  # noqa: E731
             w, x, cos, sin, cfg, attend, mesh)
-        if remat:
-            fn = jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+        if remat != "none":
+            fn = jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
         x, c = fn(layer_weights(block, dtype), x, cos, sin)
         collected.append(c)
     x = layers.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
@@ -166,9 +170,13 @@ def forward_hidden(model: Transformer, tokens: jax.Array, attention_mask: jax.Ar
     if positions is None:
         positions = positions_from_mask(attention_mask)
     mask = causal_mask(attention_mask)
-    hidden, _ = run_layers(model, tokens, positions,
-                           lambda i: lambda q, k, v: (layers.attention(q, k, v, mask), None),
-                           remat=model.config.remat)
+    if model.config.attention_impl == "cudnn":
+        def attend(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn"), None
+    else:
+        def attend(q, k, v):
+            return layers.attention(q, k, v, mask), None
+    hidden, _ = run_layers(model, tokens, positions, lambda i: attend, remat=model.config.remat)
     return hidden
 
 
@@ -182,13 +190,13 @@ def forward(model: Transformer, tokens: jax.Array, attention_mask: jax.Array | N
 
 class PrefixKV(NamedTuple):
     """The prompts' KV, computed once and shared by the n samples of each prompt."""
-    k: tuple[jax.Array, ...]  # per layer [P, Sp, K, H]
+    k: tuple[jax.Array, ...]  # per layer [P, K, Sp, H]
     v: tuple[jax.Array, ...]
     mask: jax.Array           # [P, Sp] True where a real (non-padding) token
 
 
 class ChunkKV(NamedTuple):
-    """The samples' own KV for one chunk of C decode steps: [P, n, C, K, H] per layer.
+    """The samples' own KV for one chunk of C decode steps: [P, n, K, C, H] per layer.
 
     Generated KV lives in fixed-size chunks, each its own buffer: a decode step
     reads the finished chunks and the current one, so it never reads the empty
@@ -206,7 +214,8 @@ def prefill(model: Transformer, tokens: jax.Array, attention_mask: jax.Array
     dtype = model.config.jnp_dtype
     hidden, kv = run_layers(
         model, tokens, positions,
-        lambda i: lambda q, k, v: (layers.attention(q, k, v, mask), (k.astype(dtype), v.astype(dtype))))
+        lambda i: lambda q, k, v: (layers.attention(q, k, v, mask),
+                                   (k.astype(dtype).transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3))))
     logits = logits_from_hidden(model, hidden[:, -1])
     return logits, PrefixKV(tuple(k for k, _ in kv), tuple(v for _, v in kv),
                             attention_mask.astype(bool))
@@ -214,7 +223,7 @@ def prefill(model: Transformer, tokens: jax.Array, attention_mask: jax.Array
 
 def empty_chunk(cfg: ModelConfig, num_prompts: int, n: int, length: int, dtype=None) -> ChunkKV:
     dtype = dtype or cfg.jnp_dtype
-    shape = (num_prompts, n, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (num_prompts, n, cfg.num_kv_heads, length, cfg.head_dim)
     return ChunkKV(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
@@ -226,16 +235,17 @@ def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, pre
 
     Returns fp32 logits [P*n, V] and the updated current chunk.
     """
-    p, n, c = current.k[0].shape[:3]
+    p, n, _, c = current.k[0].shape[:4]
     new_k, new_v = list(current.k), list(current.v)
     current_mask = (jnp.arange(c) <= slot)[None, None, None, :]  # [1, 1, T=1, C]
 
     def attend_for_layer(i):
         def attend(q, k, v):
-            k = k.reshape(p, n, 1, *k.shape[2:]).astype(current.k[i].dtype)
-            v = v.reshape(p, n, 1, *v.shape[2:]).astype(current.v[i].dtype)
-            new_k[i] = jax.lax.dynamic_update_slice_in_dim(current.k[i], k, slot, axis=2)
-            new_v[i] = jax.lax.dynamic_update_slice_in_dim(current.v[i], v, slot, axis=2)
+            # [P*n, 1, K, H] -> [P, n, K, 1, H]: a pure reshape since T == 1
+            k = k.reshape(p, n, k.shape[2], 1, k.shape[3]).astype(current.k[i].dtype)
+            v = v.reshape(p, n, v.shape[2], 1, v.shape[3]).astype(current.v[i].dtype)
+            new_k[i] = jax.lax.dynamic_update_slice_in_dim(current.k[i], k, slot, axis=3)
+            new_v[i] = jax.lax.dynamic_update_slice_in_dim(current.v[i], v, slot, axis=3)
             own = [(ch.k[i], ch.v[i], None) for ch in finished] + [(new_k[i], new_v[i], current_mask)]
             out = layers.multi_source_attention(
                 q.reshape(p, n, 1, *q.shape[2:]), [(prefix.k[i], prefix.v[i], prefix.mask)], own)

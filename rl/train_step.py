@@ -1,0 +1,206 @@
+"""The jitted GRPO update: remat forward, response logprobs, loss, accumulated grads, AdamW.
+
+A mini-batch is packed as prompt (left-padded to Sp) + response (right-padded
+to R) rows of length L = Sp + R. Micro-batches run in a `lax.scan`; each
+contributes numerator_k / D with D the loss denominator of the whole
+mini-batch, so the summed gradient is exactly that of the one big batch.
+
+Precision: master weights and optimizer state in `param_dtype` (fp32 by
+default), matmuls in the model's compute dtype (bf16 for speed), logits,
+log-softmax and the loss in fp32. Parameters and optimizer state keep the
+model's logical-axis sharding (FSDP over "fsdp", heads/MLP over "tensor");
+the batch is sharded over ("data", "fsdp").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from models.transformer import Transformer, forward_hidden, unembed_weights
+from rl import grpo
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-6
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    total_steps: int = 100
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # "cosine" (linear warmup, cosine to 0) or "constant" (warmup, then flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = 3.0
+    kl_coef: float = 0.005
+    kl_estimator: str = "low_var_kl"
+    agg: str = "token-mean"
+    temperature: float = 1.0  # logits are divided by the rollout temperature, as in verl
+    micro_batch_size: int = 8
+    logprob_chunk: int = 256  # response tokens per logits chunk (the [*, V] logits never exist whole)
+
+
+class Batch(NamedTuple):
+    tokens: jax.Array          # [B, Sp + R] int32: left-padded prompt, then response
+    attention_mask: jax.Array  # [B, Sp + R] bool
+    response_mask: jax.Array   # [B, R] float: 1 on real response tokens
+    old_logp: jax.Array        # [B, R]
+    ref_logp: jax.Array | None  # [B, R] or None when kl_coef == 0
+    advantages: jax.Array      # [B]
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    warmup = int(cfg.warmup_ratio * cfg.total_steps)
+    if cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 0),
+                                                max(cfg.total_steps, warmup + 1), 0.0)
+    elif cfg.schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+                                   optax.constant_schedule(cfg.learning_rate)], [max(warmup, 1)])
+    else:
+        raise ValueError(f"unknown lr schedule {cfg.schedule!r} (cosine, constant)")
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def response_logprobs(model: Transformer, tokens: jax.Array, attention_mask: jax.Array,
+                      response_len: int, temperature: float, chunk: int,
+                      with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """Per-token logprobs [B, R] of the response part of packed rows (fp32).
+
+    The unembedding + log-softmax runs over chunks of the response under
+    `jax.checkpoint`, so neither the forward nor the backward holds [B, R, V].
+    """
+    hidden = forward_hidden(model, tokens, attention_mask)
+    b, total = tokens.shape
+    sp = total - response_len
+    h = hidden[:, sp - 1:total - 1]          # positions that predict the response tokens
+    targets = tokens[:, sp:]
+    w = unembed_weights(model).astype(model.config.jnp_dtype)
+    chunk = min(chunk, response_len)
+    pad = -response_len % chunk
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n_chunks = (response_len + pad) // chunk
+    h = h.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
+    targets = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        hc, tc = args
+        logits = jnp.einsum("BTD,DV->BTV", hc, w, preferred_element_type=jnp.float32) / temperature
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        lp = jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
+        ent = (jax.lax.stop_gradient(grpo.entropy_from_logits(logits)) if with_entropy
+               else jnp.zeros_like(lp))
+        return lp, ent
+
+    lp, ent = jax.lax.map(one, (h, targets))
+    lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
+    ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
+    return lp, (ent if with_entropy else None)
+
+
+def _split_micro(x, num_micro: int):
+    return None if x is None else x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+
+
+def loss_and_grads(graphdef, params, batch: Batch, cfg: LossConfig):
+    """Sum of micro-batch gradients of numerator_k / D, and the finalized metrics."""
+    b, r = batch.response_mask.shape
+    mb = min(cfg.micro_batch_size, b)
+    if b % mb:
+        raise ValueError(f"mini-batch of {b} rows is not a multiple of micro_batch_size={mb}")
+    num_micro = b // mb
+    denominator = grpo.loss_denominator(batch.response_mask, cfg.agg)
+    use_ref = batch.ref_logp is not None and cfg.kl_coef != 0
+
+    def micro_loss(p, micro: Batch):
+        model = nnx.merge(graphdef, p)
+        logp, ent = response_logprobs(model, micro.tokens, micro.attention_mask, r,
+                                      cfg.temperature, cfg.logprob_chunk, with_entropy=True)
+        num, _, sums = grpo.policy_loss_terms(
+            logp, micro.old_logp, micro.ref_logp if use_ref else None, micro.advantages,
+            micro.response_mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef if use_ref else 0.0,
+            kl_estimator=cfg.kl_estimator, agg=cfg.agg)
+        m = micro.response_mask.astype(jnp.float32)
+        sums["entropy"] = jnp.sum(ent * m)
+        sums["logp_diff_abs"] = jnp.sum(jnp.abs(logp - micro.old_logp) * m)
+        return num / jnp.maximum(denominator, 1e-9), sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    micro_batches = Batch(*(_split_micro(x, num_micro) for x in batch))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+
+    def body(carry, micro):
+        grads_acc, sums_acc = carry
+        (_, sums), grads = grad_fn(params, micro)
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+        sums_acc = grpo.accumulate_metric_sums(sums_acc, sums)
+        return (grads_acc, sums_acc), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    sums_shape = jax.eval_shape(grad_fn, params, first)[0][1]
+    sums0 = {k: jnp.full(v.shape, jnp.inf if k == "ratio_min" else -jnp.inf if k == "ratio_max" else 0.0,
+                         v.dtype) for k, v in sums_shape.items()}
+    (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), micro_batches)
+    metrics = grpo.finalize_metrics(sums)
+    metrics["entropy"] = sums["entropy"] / jnp.maximum(sums["n_tokens"], 1.0)
+    metrics["logp_diff_abs"] = sums["logp_diff_abs"] / jnp.maximum(sums["n_tokens"], 1.0)
+    return grads, metrics
+
+
+class TrainState(NamedTuple):
+    params: Any      # nnx.State of the policy's parameters (master precision)
+    opt_state: Any
+    step: jax.Array
+
+
+def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
+    graphdef, params = nnx.split(model, nnx.Param)
+    # zeros_like keeps each parameter's sharding for the optimizer state. Every leaf
+    # is then committed to its sharding like train_step's outputs: an uncommitted
+    # input would make the second step compile all over again.
+    opt_state, step = jax.jit(lambda p: (tx.init(p), jnp.zeros((), jnp.int32)))(params)
+    state = TrainState(params, opt_state, step)
+    return graphdef, jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "cfg"), donate_argnames=("state",))
+def train_step(graphdef, state: TrainState, batch: Batch, *, tx: optax.GradientTransformation,
+               cfg: LossConfig) -> tuple[TrainState, dict]:
+    grads, metrics = loss_and_grads(graphdef, state.params, batch, cfg)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite step leaves the state untouched; the loop stops on metrics["finite"].
+    keep = metrics["finite"]
+    params = jax.tree.map(lambda new, old: jnp.where(keep, new, old).astype(old.dtype),
+                          params, state.params)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt_state, state.opt_state)
+    return TrainState(params, opt_state, state.step + keep.astype(jnp.int32)), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "response_len", "temperature", "chunk"))
+def sequence_logprobs(graphdef, params, tokens, attention_mask, *, response_len: int,
+                      temperature: float = 1.0, chunk: int = 256) -> jax.Array:
+    """Response logprobs without gradients: reference model, or old logprobs off-policy."""
+    model = nnx.merge(graphdef, params)
+    return response_logprobs(model, tokens, attention_mask, response_len, temperature, chunk)[0]
