@@ -1,0 +1,142 @@
+"""The GRPO loop end to end on a tiny model: learning, exact resume, NaN stop, metrics."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+import models
+from medssr_jax.metrics import crc32c, read_jsonl
+from models.checkpoint import param_items
+from rl.loop import NonFiniteError, RLConfig, RLItem, batch_indices, run_grpo
+from rl.train_step import LossConfig, OptimConfig
+
+VOCAB = 64
+
+
+def _setup(steps, **kw):
+    cfg = models.preset("tiny").replace(vocab_size=VOCAB)
+    rng = np.random.default_rng(0)
+    items = [RLItem(str(i), tuple(rng.integers(2, VOCAB, 6).tolist()), None) for i in range(24)]
+    loss = kw.pop("loss", LossConfig(kl_coef=0.0, micro_batch_size=32))
+    rc = RLConfig(steps=steps, prompts_per_step=8, num_generations=8, max_new_tokens=8,
+                  max_prompt_len=8, checkpoint_every=2, sampler_chunk=8, loss=loss,
+                  optim=OptimConfig(learning_rate=3e-3, total_steps=40, warmup_ratio=0.0,
+                                    schedule="constant"), **kw)
+    return cfg, items, rc
+
+
+def low_token_reward(item, completion):
+    """Toy verifiable task: the share of response tokens from the lowest quarter of the vocab."""
+    return float(np.mean([t < VOCAB // 4 for t in completion.tokens]))
+
+
+def _params(model):
+    return [np.asarray(v[...]) for _, v in param_items(model)]
+
+
+def test_reward_rises_with_the_full_loop(tmp_path):
+    cfg, items, rc = _setup(16)
+    model = models.init_model(cfg, seed=0)
+    _, hist = run_grpo(model, items, low_token_reward, rc, tmp_path, eos_ids=[], log=lambda s: None)
+    rewards = [h["reward_mean"] for h in hist]
+    assert len(hist) == 16
+    assert np.mean(rewards[:3]) < 0.35          # chance level is 0.25
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.25
+    assert all(np.isfinite(h["loss"]) for h in hist)
+
+
+def test_kill_and_resume_gives_identical_parameters(tmp_path):
+    cfg, items, rc = _setup(6, loss=LossConfig(kl_coef=0.01, micro_batch_size=16))
+    ref = models.init_model(cfg, seed=0)
+    straight, hist_a = run_grpo(models.init_model(cfg, seed=0), items, low_token_reward, rc,
+                                tmp_path / "a", ref_model=ref, eos_ids=[], log=lambda s: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, row):
+        if step == 3:  # after step 3 ran, before its checkpoint would exist (every 2)
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_grpo(models.init_model(cfg, seed=0), items, low_token_reward, rc, tmp_path / "b",
+                 ref_model=ref, eos_ids=[], on_step_end=kill_at_3, log=lambda s: None)
+    messages = []
+    resumed, hist_b = run_grpo(models.init_model(cfg, seed=7), items, low_token_reward, rc,
+                               tmp_path / "b", ref_model=ref, eos_ids=[], log=messages.append)
+    assert any("resumed from step 2" in m for m in messages)
+    assert [h["step"] for h in hist_b] == [3, 4, 5, 6]
+    for a, b in zip(_params(straight), _params(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert [h["reward_mean"] for h in hist_a[2:]] == [h["reward_mean"] for h in hist_b]
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path):
+    cfg, items, rc = _setup(4)
+
+    def reward(item, completion):
+        return float("nan") if step_counter["n"] >= 2 * 64 else low_token_reward(item, completion)
+
+    step_counter = {"n": 0}
+
+    def counting(item, completion):
+        r = reward(item, completion)
+        step_counter["n"] += 1
+        return r
+
+    with pytest.raises(NonFiniteError, match=r"step 2: loss=nan .*Last checkpoint: step 2"):
+        run_grpo(models.init_model(cfg, seed=0), items, counting, rc, tmp_path, eos_ids=[],
+                 log=lambda s: None)
+    rows = read_jsonl(tmp_path / "metrics" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_metrics_files(tmp_path):
+    cfg, items, rc = _setup(2, peak_flops=1e12)
+    run_grpo(models.init_model(cfg, seed=0), items, low_token_reward, rc, tmp_path, eos_ids=[],
+             log=lambda s: None)
+    rows = read_jsonl(tmp_path / "metrics" / "metrics.jsonl")
+    for key in ("reward_mean", "reward_std", "accuracy", "zero_variance_groups", "kl", "pg_clipfrac",
+                "entropy", "response_length", "sample_tokens_per_s", "train_tokens_per_s", "mfu",
+                "time_sample", "time_update", "grad_norm"):
+        assert key in rows[0], key
+    assert rows[0]["response_length"] == 8.0
+    events = list((tmp_path / "metrics").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    data = events[0].read_bytes()
+    # walk the TFRecord framing and check every CRC
+    pos, records = 0, 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        payload = data[pos + 12:pos + 12 + length]
+        (crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+        masked = crc32c(payload)
+        assert crc == (((masked >> 15) | (masked << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+        pos += 16 + length
+        records += 1
+    assert records > 2 * 10 and b"reward_mean" in data
+
+
+def test_crc32c_known_vector():
+    assert crc32c(b"123456789") == 0xE3069283
+
+
+def test_batch_indices_cover_every_item_once_per_epoch():
+    seen = np.concatenate([batch_indices(10, s, 5, seed=3) for s in range(4)])
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert not np.array_equal(seen[:10], seen[10:])  # a new permutation per epoch
+    np.testing.assert_array_equal(batch_indices(10, 2, 5, seed=3), batch_indices(10, 2, 5, seed=3))
+    # more prompts per step than items wraps into the next epoch
+    assert len(batch_indices(3, 0, 7, seed=0)) == 7
+
+
+def test_bad_config(tmp_path):
+    cfg, items, rc = _setup(1, loss=LossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="needs a reference model"):
+        run_grpo(models.init_model(cfg, seed=0), items, low_token_reward, rc, tmp_path)
+    with pytest.raises(ValueError, match="no RL items"):
+        run_grpo(models.init_model(cfg, seed=0), [], low_token_reward, rc, tmp_path)
+
