@@ -117,7 +117,7 @@ def _decode_chunk(graphdef, state, prefix: PrefixKV, finished: tuple[ChunkKV, ..
                   last, positions, done, key, step0, max_steps, eos, pad_id, *, params):
     """Up to `max_steps` decode steps writing into `current`; stops when all are done."""
     model = nnx.merge(graphdef, state)
-    batch, chunk = last.shape[0], current.k[0].shape[2]
+    batch, chunk = last.shape[0], current.k[0].shape[3]
 
     def cond(c):
         i, _, _, _, done, _, _ = c
