@@ -90,6 +90,9 @@ def run_demo() -> dict:
     from rl.loop import RLConfig, RLItem, option_letter_reward, run_grpo
     from rl.train_step import LossConfig, OptimConfig
 
+    benchmark_file = eval_dir() / f"{FLAGS.benchmark}.json"  # fail on bad inputs before loading
+    if not benchmark_file.exists():
+        raise SystemExit(f"{benchmark_file}: benchmark file not found (--benchmark={FLAGS.benchmark})")
     workdir = Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -105,7 +108,7 @@ def run_demo() -> dict:
     print(f"loaded {model_path.name}: {cfg.num_params() / 1e6:.0f}M parameters, "
           f"template {cfg.chat_template}", file=sys.stderr)
 
-    questions = load_questions(eval_dir() / f"{FLAGS.benchmark}.json", FLAGS.num_questions, FLAGS.seed)
+    questions = load_questions(benchmark_file, FLAGS.num_questions, FLAGS.seed)
     prompts = []
     for q in questions:
         text = format_chat([{"role": "user", "content": f"{INSTRUCTION}\n\n{q['question']}"}],
