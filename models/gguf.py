@@ -729,22 +729,191 @@ def iter_hf_tensors(gguf: GGUFFile) -> Iterator[tuple[str, np.ndarray]]:
         yield hf, w
 
 
-def tokenizer_from_gguf(path: str | os.PathLike):
-    """A transformers fast tokenizer built from the GGUF file's ``tokenizer.ggml.*`` metadata.
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
 
-    Uses ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``; transformers' GGUF tokenizer code
-    needs torch and the ``gguf`` package installed. Remote code is never trusted. Save the result
-    with ``save_pretrained`` to reload it later without either.
+# llama.cpp's token types (``llama_token_type``): CONTROL tokens (``<|im_end|>``) are special;
+# USER_DEFINED ones (``<think>``) are matched whole in text but are ordinary text when decoding.
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+# Split regexes of the byte-level BPE pre-tokenizers, as in llama.cpp's ``llama-vocab.cpp`` and the
+# models' own ``tokenizer.json`` (transformers' ``integrations/gguf`` keeps the same table).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# ``tokenizer.ggml.pre`` -> (kind, ignore_merges, add_bos default). Kinds:
+#   "gpt2":   the GPT-2 split (tokenizers' ``ByteLevel(use_regex=True)``). Also used for a file with
+#             no ``tokenizer.ggml.pre``, as transformers does (llama.cpp's legacy "default" split
+#             there is a guess it warns about);
+#   "digits": every digit on its own first, then the GPT-2 split -- llama.cpp's ``\p{N}`` split for
+#             these types, ``Digits(individual_digits=True)`` in their tokenizer.json;
+#   a regex:  ``Split(regex, isolated)`` then ``ByteLevel(use_regex=False)``.
+# The Llama-3 family uses whole-word vocabulary hits before merges and adds BOS unless the file says
+# otherwise (llama.cpp sets ``ignore_merges`` and ``add_bos`` for exactly these names).
+_PRE_TOKENIZERS: dict[str, tuple[str, bool, bool]] = {
+    **{name: ("gpt2", False, False) for name in ("default", "gpt2", "mpt", "olmo", "jais", "trillion")},
+    **{
+        name: ("digits", False, False)
+        for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+    },
+    **{
+        name: (_LLAMA3_SPLIT, True, True)
+        for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+    },
+    **{name: (_QWEN2_SPLIT, False, False) for name in ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez")},
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:  # unprintable bytes map to 256, 257, ... in byte order
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tokenizer_from_gguf(path: str | os.PathLike):
+    """A ``transformers.PreTrainedTokenizerFast`` built from the file's ``tokenizer.*`` metadata.
+
+    Only the ``tokenizers`` library and this module's reader are used: neither torch nor the ``gguf``
+    package is needed (transformers' own ``from_pretrained(..., gguf_file=...)`` needs both).
+    Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) are supported, with the
+    pre-tokenizer picked from ``tokenizer.ggml.pre`` as llama.cpp picks it. CONTROL tokens become
+    special added tokens and USER_DEFINED ones plain added tokens, so neither is ever split;
+    bos/eos/unk/pad come from the ``tokenizer.ggml.*_token_id`` keys, ``add_bos_token`` /
+    ``add_eos_token`` from the file, and ``chat_template`` from ``tokenizer.chat_template``.
+
+    For SmolLM2 ("smollm") this follows llama.cpp and the model's own tokenizer.json in splitting
+    digits one by one before the GPT-2 split. transformers (5.x) drops that digit split, so where a
+    run of two or more spaces/newlines comes right before a digit its ids differ from these.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    from transformers import AutoTokenizer
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ImportError as e:
-        raise ImportError(
-            f"building a tokenizer from {path} uses transformers' GGUF support, which needs torch "
-            f"and the gguf package: {e}"
-        ) from e
+    with GGUFFile(path) as f:
+        md = dict(f.metadata)
+
+    model = md.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(
+            f"{path}: tokenizer.ggml.model {model!r} is not supported; only byte-level BPE (\"gpt2\") "
+            "vocabularies can be built from GGUF metadata here"
+        )
+    tokens = md.get("tokenizer.ggml.tokens")
+    merges = md.get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not tokens:
+        raise ValueError(f"{path}: tokenizer.ggml.tokens is missing or empty")
+    if not isinstance(merges, list):
+        raise ValueError(f"{path}: tokenizer.ggml.merges is missing (needed for a BPE vocabulary)")
+    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise ValueError(
+            f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported "
+            f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
+        )
+    split, ignore_merges, add_bos_default = _PRE_TOKENIZERS[pre]
+
+    # Byte-level vocabularies spell every token in GPT-2's byte alphabet. A normal token that does
+    # not is respelled byte by byte (as transformers does); added tokens keep their text, since they
+    # are matched in the raw input and their id is found by that text.
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    control, user_defined = [], []
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if not isinstance(tok, str):
+            raise ValueError(f"{path}: token {i} is not valid UTF-8 ({tok!r})")
+        if kind == _TOKEN_CONTROL:
+            control.append(AddedToken(tok, special=True, normalized=False))
+        elif kind == _TOKEN_USER_DEFINED:
+            user_defined.append(AddedToken(tok, special=False, normalized=False))
+        elif not set(tok) <= alphabet:
+            tok = "".join(spelling[b] for b in tok.encode("utf-8"))
+        vocab[tok] = i
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep or not left or not right:
+            raise ValueError(f"{path}: malformed merge {m!r} in tokenizer.ggml.merges")
+        pairs.append((left, right))
+
+    tk = Tokenizer(
+        models.BPE(
+            vocab, pairs, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+            byte_fallback=False, ignore_merges=ignore_merges,
+        )
+    )
+    if split == "gpt2":
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif split == "digits":
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(control)
+    tk.add_tokens(user_defined)
+
+    special: dict[str, str] = {}
+    special_ids: dict[str, int] = {}
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        tid = md.get(f"tokenizer.ggml.{key}_token_id")
+        if tid is None:
+            continue
+        if not isinstance(tid, int) or not 0 <= tid < len(tokens):
+            raise ValueError(
+                f"{path}: tokenizer.ggml.{key}_token_id = {tid!r} is outside the {len(tokens)}-token vocabulary"
+            )
+        special[name], special_ids[name] = tokens[tid], tid
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)) and "bos" in special
+    add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and "eos" in special
+    # Also set by transformers 5 from add_bos/eos_token; done here for versions that ignore those.
+    bos = [special["bos"]] if add_bos else []
+    eos = [special["eos"]] if add_eos else []
+    single = [f"{t}:0" for t in bos] + ["$A:0"] + [f"{t}:0" for t in eos]
+    pair = single + [f"{t}:1" for t in bos] + ["$B:1"] + [f"{t}:1" for t in eos]
+    tk.post_processor = processors.TemplateProcessing(
+        single=single,
+        pair=pair,
+        special_tokens=[(special[n], special_ids[n]) for n, on in (("bos", add_bos), ("eos", add_eos)) if on],
+    )
+
+    kwargs: dict[str, Any] = {f"{n}_token": t for n, t in special.items()}
+    if isinstance(md.get("tokenizer.chat_template"), str):
+        kwargs["chat_template"] = md["tokenizer.chat_template"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        clean_up_tokenization_spaces=False,
+        name_or_path=str(path),
+        **kwargs,
+    )

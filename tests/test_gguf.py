@@ -6,6 +6,7 @@ The `gguf` package (llama.cpp's gguf-py) is the independent reference for writin
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -489,9 +490,11 @@ def gpt2_bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def reference_bpe(text: str, tokens: list[str], merges: list[str], specials: list[str]) -> list[int]:
-    """Byte-level BPE straight from the GGUF vocab and merge ranks (SmolLM pre-tokenizer: single
-    digits, then the GPT-2 split), as an independent check of the tokenizer transformers builds."""
+def reference_bpe(
+    text: str, tokens: list[str], merges: list[str], specials: list[str], split_digits: bool = True
+) -> list[int]:
+    """Byte-level BPE straight from the GGUF vocab and merge ranks (SmolLM pre-tokenizer, as in
+    llama.cpp: single digits, then the GPT-2 split), as an independent check of the tokenizers."""
     import regex
 
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -503,7 +506,7 @@ def reference_bpe(text: str, tokens: list[str], merges: list[str], specials: lis
         if part in specials:
             ids.append(vocab[part])
             continue
-        for chunk in regex.split(r"(\p{N})", part):
+        for chunk in regex.split(r"(\p{N})", part) if split_digits else [part]:
             for piece in gpt2.findall(chunk):
                 word = [byte_map[b] for b in piece.encode("utf-8")]
                 while len(word) > 1:
@@ -560,6 +563,297 @@ def test_smollm2_matches_transformers():
         assert tok.decode(ids) == s
     assert tok.convert_tokens_to_ids("<|im_start|>") == 1
     assert tok.eos_token_id == ours_cfg["eos_token_id"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer_from_gguf: built from metadata with `tokenizers` alone
+# --------------------------------------------------------------------------------------------
+
+# Texts on which SmolLM2's digit-first split and transformers' plain GPT-2 split agree: none has
+# a run of two or more whitespace characters right before a digit (see DIGITS_AFTER_WHITESPACE_RUN).
+TOKENIZER_TEXTS = [
+    "",
+    " ",
+    "Hello world, the patient has fever.",
+    "A 45-year-old woman presents with chest pain radiating to the left arm (BP 150/95 mmHg).",
+    "Which enzyme is deficient in phenylketonuria?  Answer: phenylalanine hydroxylase.\n",
+    "12345",
+    "3.14159, 2,718,281 and 0.5 mg/kg q12h; 9999999999 and -0.001",
+    "HbA1c 7.2%, LDL 130 mg/dL, eGFR 58 mL/min/1.73m², Na⁺ 135 mmol/L, T 38.5°C",
+    "Answer: (C) 1200 mL/day. Options: A) 5 mg B) 10 mg C) 20 mg D) 40 mg",
+    "Naïve café — résumé: 3½ µg/kg 🙂",
+    "Emoji: 🩺💊🧬 👩‍⚕️ 🇬🇧 ❤️",
+    "中文医学文本：高血压患者应该低盐饮食。",
+    "Ελληνικά, русский, العربية, हिन्दी, 日本語のテキスト",
+    "e\u0301 versus \u00e9, zero\u200bwidth, no\u00a0break",
+    "tabs\tand\t\tmultiple   spaces    here",
+    "   leading and trailing   ",
+    "line one\nline two\n\n\nline five\r\nwindows\r\n",
+    "\n\n",
+    "I'm sure it's the patient's; they've said we'd go, you'll see. DON'T",
+    "ALL CAPS ABBREVIATIONS: COPD, CHF, MI, DVT/PE, ECG -> ST elevation",
+    "def dose(kg):\n    return kg * 15  # mg\n",
+    '{"dose": 250, "unit": "mg", "freq": [1, 2, 3]}',
+    "\x00\x01 control \x7f chars",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "<|im_start|>user\nWhat causes anaemia?<|im_end|>\n",
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nA 30-year-old man has a Hb of 9 g/dL. Next step?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|><|im_end|><|endoftext|>",
+    "text<|im_end|>text <|endoftext|> 42",
+    "<|im_start |> and <|im_end are not special",
+    "<repo_name>medssr<file_sep>a.py\n<gh_stars>100",
+]
+
+# A whitespace run right before a digit: the digit-first split keeps the run whole ("ĠĠ", "ĊĊ"),
+# the plain GPT-2 split peels its last character off. llama.cpp and SmolLM2's own tokenizer.json
+# split digits first; transformers' GGUF tokenizer (5.23) does not, and gives the other ids here.
+DIGITS_AFTER_WHITESPACE_RUN = [
+    "a  5",
+    "Step 1.\n\n2. Give 40 mg IV",
+    "Dose:    250 mg",
+    "\t\t3",
+    "[  1, 2]",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizers():
+    """(ours, transformers' own GGUF tokenizer, the file's metadata) for SmolLM2."""
+    path = assets.smollm2_gguf()
+    pytest.importorskip("torch")  # transformers' GGUF tokenizer reader imports it
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return mg.tokenizer_from_gguf(path), ref, mg.GGUFFile(path).metadata
+
+
+@pytest.mark.real_assets
+@pytest.mark.parametrize("text", TOKENIZER_TEXTS, ids=range(len(TOKENIZER_TEXTS)))
+def test_smollm2_tokenizer_matches_transformers(smollm2_tokenizers, text):
+    ours, ref, md = smollm2_tokenizers
+    specials = [t for t, kind in zip(md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"]) if kind == 3]
+    ids = ours(text)["input_ids"]
+    assert ids == ref(text)["input_ids"]
+    bare = ours(text, add_special_tokens=False)["input_ids"]
+    assert bare == ref(text, add_special_tokens=False)["input_ids"] == ids  # SmolLM2 adds no BOS
+    assert ids == reference_bpe(text, md["tokenizer.ggml.tokens"], md["tokenizer.ggml.merges"], specials)
+    assert ours.decode(ids) == ref.decode(ids) == text
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
+
+
+@pytest.mark.real_assets
+def test_smollm2_tokenizer_specials_template_and_vocab(smollm2_tokenizers):
+    ours, ref, md = smollm2_tokenizers
+    assert type(ours).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    for name in ("bos", "eos", "pad", "unk"):
+        assert getattr(ours, f"{name}_token") == getattr(ref, f"{name}_token"), name
+        assert getattr(ours, f"{name}_token_id") == getattr(ref, f"{name}_token_id"), name
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == (1, 2, 2, 0)
+    assert ours.bos_token_id == md["tokenizer.ggml.bos_token_id"]
+    assert ours.eos_token_id == md["tokenizer.ggml.eos_token_id"]
+    assert ours.add_bos_token is False and md["tokenizer.ggml.add_bos_token"] is False
+    assert ours.chat_template == ref.chat_template == md["tokenizer.chat_template"]
+    assert ours.get_vocab() == ref.get_vocab() and len(ours) == len(ref) == 49152
+    assert ours.added_tokens_decoder == ref.added_tokens_decoder
+    assert sorted(ours.added_tokens_decoder) == list(range(17))  # the 17 CONTROL tokens
+    assert all(t.special for t in ours.added_tokens_decoder.values())
+    assert ours.all_special_ids == ref.all_special_ids
+
+    messages = [{"role": "user", "content": "A 30-year-old man has a Hb of 9 g/dL. Next step?"}]
+    text = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>assistant\n")
+
+    batch = ["short", "a much longer sentence about 12 patients"]
+    ours_b, ref_b = ours(batch, padding=True), ref(batch, padding=True)
+    assert ours_b["input_ids"] == ref_b["input_ids"] and ours_b["attention_mask"] == ref_b["attention_mask"]
+    assert ours_b["input_ids"][0][-1] == ours.pad_token_id
+
+    # Any id sequence, including ones that cut a UTF-8 character in half, decodes the same way.
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        ids = rng.integers(0, len(ours), size=50).tolist()
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.real_assets
+@pytest.mark.parametrize("text", DIGITS_AFTER_WHITESPACE_RUN)
+def test_smollm2_tokenizer_splits_digits_first_like_llama_cpp(smollm2_tokenizers, text):
+    ours, _, md = smollm2_tokenizers
+    tokens, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.merges"]
+    ids = ours(text)["input_ids"]
+    assert ids == reference_bpe(text, tokens, merges, ["<|im_start|>"])
+    assert ids != reference_bpe(text, tokens, merges, ["<|im_start|>"], split_digits=False)  # it matters here
+    assert ours.decode(ids) == text
+
+
+# A tiny byte-level BPE vocabulary written with gguf-py, for what SmolLM2's file does not cover.
+
+BYTE_CHARS = list(gpt2_bytes_to_unicode().values())
+TINY_CONTROL = ["<|endoftext|>", "<|bos|>", "<|eos|>"]
+TINY_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "Ġ Ġ", "ĠĠ ĠĠ", "Ċ Ċ", "1 2", "12 3", "p a", "Ġ pa"]
+
+
+def write_tiny_tokenizer(path: Path, *, pre="gpt2", model="gpt2", extra_tokens=(), **flags) -> list[str]:
+    """A GGUF holding only a tokenizer: 3 CONTROL tokens, the 256 byte tokens, one token per merge,
+    a USER_DEFINED ``<think>``, then `extra_tokens` (NORMAL). Returns the token list."""
+    merged = [m.replace(" ", "") for m in TINY_MERGES]
+    tokens = [*TINY_CONTROL, *BYTE_CHARS, *merged, "<think>", *extra_tokens]
+    types = [3] * len(TINY_CONTROL) + [1] * (len(BYTE_CHARS) + len(merged)) + [4] + [1] * len(extra_tokens)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(TINY_MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(0)
+    if "add_bos" in flags:
+        w.add_add_bos_token(flags["add_bos"])
+    if "add_eos" in flags:
+        w.add_add_eos_token(flags["add_eos"])
+    if "chat_template" in flags:
+        w.add_chat_template(flags["chat_template"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tokens
+
+
+TINY_TEXTS = [
+    "the patient in the theatre; 12345 and 123 12",
+    "  the   the\n\n\nthe\r\n",
+    "I'm sure it's THE thing they'll see; ünïcödé 🙂 中文",
+    "<|bos|>the<|eos|> <think>in</think> <|endoftext|>",
+    "mixed123abc 4567890 x1y2",
+]
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2"])
+def test_tiny_tokenizer_matches_transformers(tmp_path, pre):
+    pytest.importorskip("torch")  # for the reference only
+    from transformers import AutoTokenizer
+
+    path = tmp_path / f"tok-{pre}.gguf"
+    write_tiny_tokenizer(path, pre=pre, add_bos=False, chat_template="{{ messages }}")
+    ours = mg.tokenizer_from_gguf(path)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in TINY_TEXTS:
+        assert ours.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text) == \
+            ref.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text), text
+        ids = ours(text)["input_ids"]
+        assert ids == ref(text)["input_ids"], text
+        assert ours.decode(ids) == ref.decode(ids) == text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert ours.get_vocab() == ref.get_vocab()
+    specials = (ours.bos_token, ours.eos_token, ours.unk_token, ours.pad_token)
+    assert specials == ("<|bos|>", "<|eos|>", "<|endoftext|>", "<|endoftext|>")
+    assert ours.chat_template == ref.chat_template == "{{ messages }}"
+
+
+def test_tiny_tokenizer_added_tokens_and_pre_tokenizers(tmp_path):
+    tokens = write_tiny_tokenizer(tmp_path / "gpt2.gguf", pre="gpt2")
+    tok = mg.tokenizer_from_gguf(tmp_path / "gpt2.gguf")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ids = tok("x<think>the<|eos|>")["input_ids"]
+    assert ids == [vocab["x"], vocab["<think>"], vocab["t"], vocab["he"], vocab["<|eos|>"]]
+    # CONTROL tokens are special (dropped when skipping specials); USER_DEFINED ones are text.
+    assert tok.decode(ids, skip_special_tokens=True) == "x<think>the"
+    assert tok.added_tokens_decoder[vocab["<|eos|>"]].special is True
+    assert tok.added_tokens_decoder[vocab["<think>"]].special is False
+    assert tok.chat_template is None and tok.add_bos_token is False
+    # the GPT-2 split keeps a number together, so the digit merges apply
+    assert tok.convert_ids_to_tokens(tok("12345")["input_ids"]) == ["123", "4", "5"]
+
+    # "smollm": each digit on its own before the GPT-2 split, so no digit merge applies.
+    write_tiny_tokenizer(tmp_path / "smollm.gguf", pre="smollm")
+    tok = mg.tokenizer_from_gguf(tmp_path / "smollm.gguf")
+    for text in TINY_TEXTS:
+        assert tok(text)["input_ids"] == reference_bpe(text, tokens, TINY_MERGES, [*TINY_CONTROL, "<think>"]), text
+    assert tok.convert_ids_to_tokens(tok("12345")["input_ids"]) == ["1", "2", "3", "4", "5"]
+
+    # Llama 3: numbers in groups of three, and a word that is in the vocabulary is taken whole even
+    # where the merges would not build it (llama.cpp's ignore_merges for this family).
+    write_tiny_tokenizer(tmp_path / "llama3.gguf", pre="llama-bpe", extra_tokens=["Ġpatient"])
+    tok = mg.tokenizer_from_gguf(tmp_path / "llama3.gguf")
+    assert tok.convert_ids_to_tokens(tok("12345 the patient", add_special_tokens=False)["input_ids"]) == \
+        ["123", "4", "5", "Ġthe", "Ġpatient"]
+    write_tiny_tokenizer(tmp_path / "gpt2-extra.gguf", pre="gpt2", extra_tokens=["Ġpatient"])
+    tok = mg.tokenizer_from_gguf(tmp_path / "gpt2-extra.gguf")
+    assert tok.convert_ids_to_tokens(tok(" patient")["input_ids"]) == ["Ġpa", "t", "i", "e", "n", "t"]
+
+
+def test_tiny_tokenizer_bos_eos_flags(tmp_path):
+    def encode(name, **kw):
+        write_tiny_tokenizer(tmp_path / name, **kw)
+        tok = mg.tokenizer_from_gguf(tmp_path / name)
+        return tok, tok.convert_ids_to_tokens(tok("the")["input_ids"])
+
+    tok, toks = encode("plain.gguf")
+    assert toks == ["t", "he"] and tok.add_bos_token is False and tok.add_eos_token is False
+    tok, toks = encode("both.gguf", add_bos=True, add_eos=True)
+    assert toks == ["<|bos|>", "t", "he", "<|eos|>"] and tok.add_bos_token is True and tok.add_eos_token is True
+    assert tok.convert_ids_to_tokens(tok("the", add_special_tokens=False)["input_ids"]) == ["t", "he"]
+    assert tok.decode(tok("the")["input_ids"], skip_special_tokens=True) == "the"
+    # Llama 3 files add BOS unless they say otherwise, as llama.cpp does.
+    assert encode("llama3.gguf", pre="llama-bpe")[1] == ["<|bos|>", "t", "he"]
+    assert encode("llama3-nobos.gguf", pre="llama-bpe", add_bos=False)[1] == ["t", "he"]
+
+
+def test_tokenizer_from_gguf_errors_name_the_file(tmp_path):
+    sp = tmp_path / "sentencepiece.gguf"
+    write_tiny_tokenizer(sp, model="llama")
+    with pytest.raises(ValueError, match="tokenizer.ggml.model 'llama' is not supported") as err:
+        mg.tokenizer_from_gguf(sp)
+    assert str(sp) in str(err.value)
+    odd = tmp_path / "odd-pre.gguf"
+    write_tiny_tokenizer(odd, pre="no-such-pre")
+    with pytest.raises(ValueError, match="pre-tokenizer 'no-such-pre'") as err:
+        mg.tokenizer_from_gguf(odd)
+    assert str(odd) in str(err.value) and "smollm" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        mg.tokenizer_from_gguf(tmp_path / "missing.gguf")
+    # no tokenizer.ggml.pre at all: the GPT-2 split, as in transformers
+    write_tiny_tokenizer(tmp_path / "no-pre.gguf", pre=None)
+    tok = mg.tokenizer_from_gguf(tmp_path / "no-pre.gguf")
+    assert tok.convert_ids_to_tokens(tok("12345")["input_ids"]) == ["123", "4", "5"]
+
+
+NO_TORCH_NO_GGUF = """
+import json, sys
+sys.modules["torch"] = None  # `import torch` now raises ImportError
+sys.modules["gguf"] = None
+from models.gguf import tokenizer_from_gguf
+tok = tokenizer_from_gguf(sys.argv[1])
+assert sys.modules["torch"] is None and sys.modules["gguf"] is None
+print(json.dumps([tok(t)["input_ids"] for t in json.loads(sys.argv[2])]))
+"""
+
+
+@pytest.mark.parametrize(
+    "which", ["tiny", pytest.param("smollm2", marks=[pytest.mark.real_assets, pytest.mark.slow])]
+)
+def test_tokenizer_from_gguf_needs_neither_torch_nor_gguf(tmp_path, which):
+    if which == "tiny":
+        path, texts = tmp_path / "tiny.gguf", TINY_TEXTS
+        write_tiny_tokenizer(path, pre="smollm")
+    else:
+        path, texts = assets.smollm2_gguf(), TOKENIZER_TEXTS
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_NO_GGUF, str(path), json.dumps(texts)],
+        cwd=Path(__file__).parents[1], capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    tok = mg.tokenizer_from_gguf(path)
+    assert json.loads(out.stdout.splitlines()[-1]) == [tok(t)["input_ids"] for t in texts]
 
 
 # --------------------------------------------------------------------------------------------
