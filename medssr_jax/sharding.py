@@ -85,6 +85,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
                 names = ()
         used.update(names)
         spec.append(None if not names else (names[0] if len(names) == 1 else names))
+    while spec and spec[-1] is None:  # canonical form: P("fsdp", None) is written P("fsdp")
+        spec.pop()
     return P(*spec)
 
 

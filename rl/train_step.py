@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.transformer import Transformer, forward_hidden, unembed_weights
 from rl import grpo
@@ -68,8 +69,9 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
         lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 0),
                                                 max(cfg.total_steps, warmup + 1), 0.0)
     elif cfg.schedule == "constant":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
-                                   optax.constant_schedule(cfg.learning_rate)], [max(warmup, 1)])
+        lr = (optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+                                    optax.constant_schedule(cfg.learning_rate)], [warmup])
+              if warmup > 0 else optax.constant_schedule(cfg.learning_rate))
     else:
         raise ValueError(f"unknown lr schedule {cfg.schedule!r} (cosine, constant)")
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
@@ -128,7 +130,9 @@ def loss_and_grads(graphdef, params, batch: Batch, cfg: LossConfig):
         raise ValueError(f"mini-batch of {b} rows is not a multiple of micro_batch_size={mb}")
     num_micro = b // mb
     denominator = grpo.loss_denominator(batch.response_mask, cfg.agg)
-    use_ref = batch.ref_logp is not None and cfg.kl_coef != 0
+    if cfg.kl_coef != 0 and batch.ref_logp is None:
+        raise ValueError(f"kl_coef={cfg.kl_coef} needs reference logprobs (Batch.ref_logp is None)")
+    use_ref = cfg.kl_coef != 0
 
     def micro_loss(p, micro: Batch):
         model = nnx.merge(graphdef, p)
@@ -141,7 +145,7 @@ def loss_and_grads(graphdef, params, batch: Batch, cfg: LossConfig):
             kl_estimator=cfg.kl_estimator, agg=cfg.agg)
         m = micro.response_mask.astype(jnp.float32)
         sums["entropy"] = jnp.sum(ent * m)
-        sums["logp_diff_abs"] = jnp.sum(jnp.abs(logp - micro.old_logp) * m)
+        sums["logp_diff_abs"] = jnp.sum(jnp.where(m > 0, jnp.abs(logp - micro.old_logp), 0.0))
         return num / jnp.maximum(denominator, 1e-9), sums
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -172,19 +176,42 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+def _replicated_like(params) -> jax.sharding.Sharding:
+    for x in jax.tree.leaves(params):
+        if isinstance(x.sharding, NamedSharding):
+            return NamedSharding(x.sharding.mesh, PartitionSpec())
+    return jax.tree.leaves(params)[0].sharding
+
+
 def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
+    """Split the policy's parameters and build the optimizer state next to them.
+
+    Optimizer moments take their parameter's sharding, scalars (Adam's count, the
+    step) are replicated. Every leaf is committed, like train_step's outputs: an
+    uncommitted or differently placed input would make the second step compile again.
+    """
     graphdef, params = nnx.split(model, nnx.Param)
-    # zeros_like keeps each parameter's sharding for the optimizer state. Every leaf
-    # is then committed to its sharding like train_step's outputs: an uncommitted
-    # input would make the second step compile all over again.
-    opt_state, step = jax.jit(lambda p: (tx.init(p), jnp.zeros((), jnp.int32)))(params)
-    state = TrainState(params, opt_state, step)
-    return graphdef, jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
+    whole = _replicated_like(params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
+        transform_non_params=lambda _: whole)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), whole)
+    return graphdef, TrainState(params, opt_state, step)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "cfg"), donate_argnames=("state",))
 def train_step(graphdef, state: TrainState, batch: Batch, *, tx: optax.GradientTransformation,
                cfg: LossConfig) -> tuple[TrainState, dict]:
+    """One GRPO update (jitted; the state is donated and comes back in the same shardings)."""
+    shardings = tuple(x.sharding for x in jax.tree.leaves(state))
+    return _train_step(graphdef, state, batch, tx=tx, cfg=cfg, state_shardings=shardings)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "cfg", "state_shardings"),
+                   donate_argnames=("state",))
+def _train_step(graphdef, state: TrainState, batch: Batch, *, tx: optax.GradientTransformation,
+                cfg: LossConfig, state_shardings: tuple) -> tuple[TrainState, dict]:
     grads, metrics = loss_and_grads(graphdef, state.params, batch, cfg)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -195,7 +222,17 @@ def train_step(graphdef, state: TrainState, batch: Batch, *, tx: optax.GradientT
     params = jax.tree.map(lambda new, old: jnp.where(keep, new, old).astype(old.dtype),
                           params, state.params)
     opt_state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt_state, state.opt_state)
-    return TrainState(params, opt_state, state.step + keep.astype(jnp.int32)), metrics
+    new_state = TrainState(params, opt_state, state.step + keep.astype(jnp.int32))
+    if any(isinstance(sh, NamedSharding) for sh in state_shardings):
+        # Pin every output to its input's sharding: left to propagation, XLA may
+        # re-shard replicated leaves (e.g. norm weights), and the next step recompiles.
+        leaves, treedef = jax.tree.flatten(new_state)
+        new_state = jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(x, sh)
+                                                 for x, sh in zip(leaves, state_shardings)])
+    return new_state, metrics
+
+
+train_step._cache_size = _train_step._cache_size  # compiled variants, for tests and debugging
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "response_len", "temperature", "chunk"))
