@@ -160,13 +160,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
              max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, eos_ids: Sequence[int] | None = None,
              pad_id: int = 0, chunk_size: int = 128, prompt_bucket: int = 32,
-             progress: bool | Callable[[dict], None] | None = None) -> Generation:
+             progress: bool | Callable[[dict], None] | None = None,
+             on_tokens: Callable[[np.ndarray], None] | None = None) -> Generation:
     """Sample n completions for each prompt (token-id lists of any lengths).
 
     eos_ids: tokens that end a sequence (included in its tokens, finish_reason
     "eos"); default the model config's. Greedy when temperature == 0.
     progress: True prints tokens/s to stderr after every chunk, a callable
     receives the stats dict, None prints only for large batches.
+    on_tokens: called after the first token and after every decode chunk with
+    the tokens so far, int32 [num_prompts * n, t] (row i * n + j is sample j of
+    prompt i; finished rows continue with pad_id): what a streaming server sends.
     """
     cfg = model.config
     params = SamplingParams(float(temperature), float(top_p), int(top_k))
@@ -225,6 +229,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
         graphdef, state, put(tokens), put(mask), put(alive), key, eos_arr, params=params, n=n)
     out_tokens, out_logprobs = [np.asarray(last)[:, None]], [np.asarray(lp0)[:, None]]
     t_prefill = time.perf_counter() - t0
+    if on_tokens is not None:
+        on_tokens(out_tokens[0][:num * n])
 
     chunk = min(chunk_size, max(max_new_tokens - 1, 1))
     finished: tuple[ChunkKV, ...] = ()
@@ -241,6 +247,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
         out_logprobs.append(np.asarray(lps)[:, :ran])
         finished = finished + (current,)
         step += ran
+        if on_tokens is not None:
+            on_tokens(np.concatenate(out_tokens, axis=1)[:num * n])
         generated += batch * ran
         if show:
             elapsed = time.perf_counter() - t0
