@@ -15,6 +15,8 @@ import time
 
 from absl import app, flags
 
+from launch import benchmarking
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["qwen3_0p6b", "qwen3_8b"], "Model presets (random weights).")
 flags.DEFINE_integer("prompts", 16, "Distinct prompts.")
@@ -28,20 +30,6 @@ flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the best is re
 flags.DEFINE_string("profile_dir", None, "Trace one extra run into this directory and print the "
                     "device ops that took the most time.")
 flags.DEFINE_integer("profile_top", 25, "How many device ops to list with --profile_dir.")
-
-
-def measure_bandwidth() -> float:
-    """HBM copy bandwidth (bytes read + written) with the same method as the anchors."""
-    import jax
-    import jax.numpy as jnp
-    x = jax.random.normal(jax.random.key(0), (1 << 28,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * 1.5 + 1)
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(20):
-        y = f(x)
-    y.block_until_ready()
-    return 2 * x.nbytes / ((time.perf_counter() - t) / 20)
 
 
 def floors(cfg, batch: int, prompts: int, prompt_len: int, gen: int, bw: float) -> dict:
@@ -60,10 +48,9 @@ def main(argv):
     import numpy as np
 
     import models
-    from launch import profiling
     from medssr_jax.sampler import generate
 
-    bw = measure_bandwidth() if jax.default_backend() != "cpu" else 1e11
+    bw = benchmarking.measure_bandwidth() if jax.default_backend() != "cpu" else 1e11
     results = []
     for name in FLAGS.models:
         cfg = models.preset(name, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype,
@@ -86,7 +73,7 @@ def main(argv):
             jax.profiler.start_trace(trace_dir)
             generate(model, prompts, seed=99, **kw)
             jax.profiler.stop_trace()
-            profiling.summarize_trace(trace_dir, FLAGS.profile_top)
+            benchmarking.summarize_trace(trace_dir, FLAGS.profile_top)
         batch = FLAGS.prompts * FLAGS.n
         assert best["generated_tokens"] == batch * FLAGS.gen, best
         row = dict(kind="medssr_jax_sampler", model=name, device=str(jax.devices()[0]),
@@ -99,11 +86,7 @@ def main(argv):
         print(json.dumps(row), flush=True)
         results.append(row)
         del model
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "sampler_bench.jsonl"), "a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+    benchmarking.write_results("sampler_bench.jsonl", results)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import time
 
 from absl import app, flags
 
+from launch import benchmarking
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["qwen3_0p6b", "qwen3_1p7b"], "Model presets (random weights).")
 flags.DEFINE_integer("rows", 32, "Rows per mini-batch (one optimizer update).")
@@ -30,20 +32,6 @@ flags.DEFINE_float("peak_flops", 0.0, "bf16 peak FLOP/s for MFU; 0 measures it."
 flags.DEFINE_integer("steps", 3, "Timed steps after the warm-up.")
 flags.DEFINE_string("profile_dir", None, "Trace one extra step into this directory and print the "
                     "device ops that took the most time.")
-
-
-def measure_peak() -> float:
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
-    g = jax.jit(lambda a, b: a @ b)
-    g(a, b).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(20):
-        z = g(a, b)
-    z.block_until_ready()
-    return 2 * 8192 ** 3 / ((time.perf_counter() - t) / 20)
 
 
 def run_one(name: str, remat: str, attention: str, peak: float) -> dict:
@@ -81,13 +69,12 @@ def run_one(name: str, remat: str, attention: str, peak: float) -> dict:
     jax.block_until_ready(metrics)
     dt = (time.perf_counter() - t) / FLAGS.steps
     if FLAGS.profile_dir:
-        from launch import profiling
         trace_dir = os.path.join(FLAGS.profile_dir, f"{name}-{remat}-{attention}")
         jax.profiler.start_trace(trace_dir)
         state, metrics = train_step(graphdef, state, batch, tx=tx, cfg=loss_cfg)
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
-        profiling.summarize_trace(trace_dir, 30)
+        benchmarking.summarize_trace(trace_dir, 30)
     tokens = rows * length
     n = cfg.num_params()
     stats = jax.devices()[0].memory_stats() or {}
@@ -102,7 +89,7 @@ def run_one(name: str, remat: str, attention: str, peak: float) -> dict:
 def main(argv):
     del argv
     import jax
-    peak = FLAGS.peak_flops or (measure_peak() if jax.default_backend() != "cpu" else 1e12)
+    peak = FLAGS.peak_flops or (benchmarking.measure_peak_flops() if jax.default_backend() != "cpu" else 1e12)
     results = []
     for name in FLAGS.models:
         best = None
@@ -119,11 +106,7 @@ def main(argv):
                     best = row
         if best:
             print(json.dumps(dict(best, kind="medssr_jax_train_step_best")), flush=True)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "train_bench.jsonl"), "a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+    benchmarking.write_results("train_bench.jsonl", results)
 
 
 if __name__ == "__main__":
