@@ -628,7 +628,7 @@ class ChatCaller:
             if not self.budget.acquire(est_tokens, est_dollars):
                 self.stop_event.set()
                 return ChatResult("budget", attempts=attempt, error=self.budget.exhausted)
-            settled = False
+            settled, fatal = False, None
             try:
                 with self._usage_lock:
                     self.usage["requests"] += 1
@@ -660,10 +660,7 @@ class ChatCaller:
                     wait = self._backoff(attempt) if wait is None else wait
                     last_error = f"server_error({code})"
                 elif code in (401, 403, 404):
-                    self.stop_event.set()
-                    raise SynthesisError(
-                        f"the endpoint answered {code} ({type(e).__name__}); check the API key, "
-                        f"base URL and model name") from None
+                    fatal = f"{code} ({type(e).__name__})"  # raised below, outside this handler
                 else:
                     return ChatResult("rejected", attempts=attempt + 1,
                                       error=self.redact(f"api_bad_request({code}): {e.message}")[:500])
@@ -678,6 +675,12 @@ class ChatCaller:
             finally:
                 if not settled:
                     self.budget.settle(est_tokens, est_dollars, 0, 0.0)
+            if fatal:
+                # raised outside the except block so that no exception holding the
+                # server's reply (which may quote the credentials) is chained to it
+                self.stop_event.set()
+                raise SynthesisError(f"the endpoint answered {fatal}; check the API key, "
+                                     f"base URL and model name")
             log.info("attempt %d for %s failed: %s; retrying in %.2fs",
                      attempt + 1, key or "request", last_error, wait)
             if attempt + 1 < self.max_attempts:

@@ -245,6 +245,9 @@ class FakeOpenAI:
         if fault == "429":
             return self._json(h, 429, {"error": {"message": "Rate limit reached", "type": "rate_limit_error"}},
                               {"Retry-After": str(self.retry_after)})
+        if fault in ("400", "401"):  # echo the credentials like a careless server would
+            msg = f"bad request; you sent {h.headers.get('Authorization', '')}"
+            return self._json(h, int(fault), {"error": {"message": msg, "type": "invalid_request_error"}})
         if fault == "500":
             return self._json(h, 500, {"error": {"message": "internal error", "type": "server_error"}})
         if fault == "timeout":
