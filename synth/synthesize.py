@@ -964,3 +964,117 @@ def synthesize(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, *, n_p
              report.accepted, report.rejected, report.rejected_by_reason, report.failed,
              report.not_started, f", stopped by {report.stopped}" if report.stopped else "")
     return report
+
+
+# --- batch mode ---------------------------------------------------------------
+
+def synthesize_batch(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, *, n_prompts: int,
+                     alpha: float = 0.3, entities: Sequence[str] = (), retriever=None,
+                     k_docs: int = 3, seed: int = 0, model: str = DEFAULT_MODEL,
+                     base_url: str | None = None, api_key: str | None = None, client=None,
+                     temperature: float = 1.0, max_tokens: int = 1024, json_mode: bool = True,
+                     timeout: float = 60.0, poll_interval: float = 30.0,
+                     max_wait: float = 26 * 3600.0,
+                     prices: Mapping[str, tuple[float, float]] = PRICES,
+                     embed_fn: Callable[[str], Sequence[float]] | None = None,
+                     jaccard_threshold: float = 0.8,
+                     sleep: Callable[[float], None] = time.sleep) -> SynthReport:
+    """The unfinished prompts of a run through the Batch API (module docstring).
+
+    Same plan, keys, validation and output files as :func:`synthesize`.
+    ``batch_state.json`` holds the submitted batch until its output is merged;
+    a rerun finds it and polls that batch instead of submitting a new one.
+    Lines of the batch that failed are not recorded (a rerun submits them
+    again). Usage is costed at the batch discount.
+    """
+    specs = plan_prompts(seeds, n_prompts, alpha=alpha, entities=entities, seed=seed)
+    if client is None:
+        client = make_client(base_url=base_url, api_key=api_key, timeout=timeout)
+    run = _Run(seeds, out_dir, retriever=retriever, k_docs=k_docs, model=model,
+               dedup_kwargs=dict(jaccard_threshold=jaccard_threshold, embed_fn=embed_fn),
+               caller_id=model)
+    caller = ChatCaller(client, model=model, temperature=temperature, max_tokens=max_tokens,
+                        json_mode=json_mode, prices=prices)
+    state_path = run.out / "batch_state.json"
+    report = SynthReport(planned=len(specs), rare_ratio=rare_ratio(specs))
+    usage = Counter()
+    t0 = time.time()
+    try:
+        todo = [s for s in specs if s.key not in run.done]
+        report.already_done = len(specs) - len(todo)
+        provs: dict[str, dict] = {}
+        lines = []
+        for spec in todo:
+            docs = run.docs_for(spec)
+            messages = build_messages(spec, run.seeds_by_id, docs)
+            provs[spec.key] = run.provenance(spec, docs, messages)
+            lines.append({"custom_id": spec.key, "method": "POST", "url": "/v1/chat/completions",
+                          "body": caller.request_kwargs(messages, spec.key)})
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+        if state is None and lines:
+            inp = run.out / "batch_input.jsonl"
+            inp.write_text("".join(json.dumps(ln, sort_keys=True) + "\n" for ln in lines))
+            with open(inp, "rb") as f:
+                up = client.files.create(file=f, purpose="batch")
+            batch = client.batches.create(input_file_id=up.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            usage["requests"] += 2
+            state = {"batch_id": batch.id, "input_file_id": up.id, "keys": [ln["custom_id"] for ln in lines]}
+            _write_json_atomic(state_path, state)
+            log.info("batch %s submitted with %d requests", batch.id, len(lines))
+        if state is not None:
+            waited = 0.0
+            while True:
+                batch = client.batches.retrieve(state["batch_id"])
+                usage["requests"] += 1
+                if batch.status in ("completed", "failed", "expired", "cancelled"):
+                    break
+                if waited >= max_wait:
+                    raise SynthesisError(f"batch {state['batch_id']} still {batch.status} after {waited:.0f}s; "
+                                         f"rerun to keep polling it")
+                sleep(poll_interval)
+                waited += poll_interval
+            if batch.output_file_id:
+                content = client.files.content(batch.output_file_id)
+                usage["requests"] += 1
+                for raw in content.text.splitlines():
+                    if not raw.strip():
+                        continue
+                    line = json.loads(raw)
+                    key = line.get("custom_id")
+                    if key in run.done or key not in provs:
+                        continue  # merged before, or not part of this plan
+                    resp = line.get("response") or {}
+                    body = resp.get("body") or {}
+                    if resp.get("status_code") != 200 or not body.get("choices"):
+                        report.failed += 1
+                        continue
+                    u = body.get("usage") or {}
+                    pt, ct = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
+                    usage["prompt_tokens"] += pt
+                    usage["completion_tokens"] += ct
+                    usage["cost_usd_micros"] += round(
+                        cost_usd(model, pt, ct, prices, BATCH_DISCOUNT) * 1e6)
+                    choice = body["choices"][0]
+                    msg = choice.get("message") or {}
+                    run.finish(key, provs[key], msg.get("content"), msg.get("refusal"),
+                               choice.get("finish_reason"))
+                    run.done.add(key)
+            if batch.status != "completed":
+                log.warning("batch %s ended %s; unfinished items will be resubmitted by a rerun",
+                            state["batch_id"], batch.status)
+            state_path.unlink(missing_ok=True)
+    finally:
+        run.close()
+        run_usage = {"model": model, "mode": "batch", "started": t0,
+                     "seconds": round(time.time() - t0, 3), "requests": usage["requests"],
+                     "prompt_tokens": usage["prompt_tokens"],
+                     "completion_tokens": usage["completion_tokens"],
+                     "cost_usd": round(usage["cost_usd_micros"] / 1e6, 6), "stopped": None}
+        _record_usage(run.out, run_usage)
+    report.accepted, report.rejected = run.counts["accepted"], run.counts["rejected"]
+    report.rejected_by_reason = dict(sorted(run.reasons.items()))
+    report.requests = run_usage["requests"]
+    report.prompt_tokens, report.completion_tokens = run_usage["prompt_tokens"], run_usage["completion_tokens"]
+    report.cost_usd = run_usage["cost_usd"]
+    return report

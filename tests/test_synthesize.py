@@ -69,7 +69,8 @@ def test_every_item_recorded_exactly_once_despite_faults(tmp_path):
         assert (p["entity"] is None) == (p["retrieved_doc_ids"] == []) == (p["rho"] >= 0.3)
     assert sum(report.rejected_by_reason.values()) == len(rej)
     usage = json.loads((tmp_path / "usage.json").read_text())
-    assert usage["total"]["requests"] == len(srv.requests) == report.requests
+    # a request on a connection the server had closed never reaches it, but is counted
+    assert usage["total"]["requests"] == report.requests >= len(srv.requests)
     assert usage["total"]["prompt_tokens"] > 0 and usage["total"]["cost_usd"] > 0
     # a second run finds everything done and sends nothing
     with FakeOpenAI() as srv2:
@@ -116,7 +117,7 @@ def test_budget_stop_is_clean_and_resume_completes(tmp_path):
     with FakeOpenAI() as srv:
         first = run(srv, out, n_prompts=n_prompts, budget=Budget(max_requests=15))
         assert first.stopped == "max_requests"
-        assert len(srv.requests) == first.requests == 15
+        assert first.requests == 15 >= len(srv.requests)
         assert first.not_started > 0
         done = {r["key"] for part in records(out) for r in part}
         assert len(done) == first.accepted + first.rejected < n_prompts
@@ -126,7 +127,7 @@ def test_budget_stop_is_clean_and_resume_completes(tmp_path):
     assert records(out) == expected
     usage = json.loads((out / "usage.json").read_text())
     assert [r["stopped"] for r in usage["runs"]] == ["max_requests", None]
-    assert usage["total"]["requests"] == len(srv.requests)
+    assert usage["total"]["requests"] == first.requests + second.requests >= len(srv.requests)
 
 
 def test_token_and_dollar_budgets(tmp_path):
@@ -353,3 +354,39 @@ def test_classify_against_fake_server(tmp_path):
         classify(seeds, tmp_path / "labels.jsonl", base_url=srv.base_url, api_key=TEST_KEY, **FAST)
         assert len(srv.requests) == n  # nothing re-requested
     assert sum(summary["counts"].values()) == 20
+
+
+def test_batch_mode_matches_sync_run_and_is_idempotent(tmp_path):
+    from synth.synthesize import synthesize_batch
+
+    expected = _baseline(tmp_path, 30)
+    out = tmp_path / "batch"
+    kw = dict(n_prompts=30, alpha=0.3, entities=RARE_DISEASES, retriever=FakeRetriever(), seed=7,
+              api_key=TEST_KEY, poll_interval=0.01, sleep=lambda s: None)
+    with FakeOpenAI(batch_polls_before_done=2) as srv:
+        r = synthesize_batch(make_seeds(), out, base_url=srv.base_url, **kw)
+        assert r.accepted + r.rejected == 30 and not (out / "batch_state.json").exists()
+        n = len(srv.requests)
+        again = synthesize_batch(make_seeds(), out, base_url=srv.base_url, **kw)
+        assert again.already_done == 30 and len(srv.requests) == n
+    acc, rej = records(out)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "raw"} for r in rs]  # noqa: E731
+    assert [r["key"] for r in acc] == [r["key"] for r in expected[0]]
+    assert strip(rej) == strip(expected[1])
+    assert [r["options"] for r in acc] == [r["options"] for r in expected[0]]
+    assert TEST_KEY not in (out / "batch_input.jsonl").read_text()
+
+
+def test_batch_restart_polls_the_submitted_batch(tmp_path):
+    from synth.synthesize import synthesize_batch
+
+    kw = dict(n_prompts=10, alpha=0.3, entities=RARE_DISEASES, retriever=FakeRetriever(), seed=7,
+              api_key=TEST_KEY, poll_interval=0.01, sleep=lambda s: None)
+    with FakeOpenAI(batch_polls_before_done=1000) as srv:
+        with pytest.raises(SynthesisError, match="still in_progress"):
+            synthesize_batch(make_seeds(), tmp_path, base_url=srv.base_url, max_wait=0.05, **kw)
+        assert (tmp_path / "batch_state.json").exists()
+        srv.batch_polls_before_done = 0
+        r = synthesize_batch(make_seeds(), tmp_path, base_url=srv.base_url, **kw)
+    assert [kind for _, kind, _ in srv.requests].count("batch_create") == 1
+    assert r.accepted + r.rejected == 10 and not (tmp_path / "batch_state.json").exists()
