@@ -27,7 +27,9 @@ Outputs (all in ``out_dir``)
 ``synthetic.jsonl``  accepted :class:`SynthItem` records, append-only.
 ``rejected.jsonl``   ``{key, reason, detail, raw, provenance}`` per rejected
                      item, append-only; reasons are counted in the report.
-``usage.json``       request / token / dollar totals of all runs and per run.
+``usage.json``       request / token / dollar totals of all runs and per run,
+                     rewritten (atomically) after every item, so a killed run's
+                     spending up to its last finished item is on record.
 
 Idempotency and restarts
 ------------------------
@@ -863,9 +865,11 @@ def _load_usage(path: Path) -> dict:
 
 
 def _record_usage(out: Path, run_usage: dict) -> None:
+    """Add or update (same ``started``) this run's entry and the totals."""
     path = out / "usage.json"
     usage = _load_usage(path)
-    usage["runs"].append(run_usage)
+    runs = [r for r in usage["runs"] if r.get("started") != run_usage["started"]]
+    usage["runs"] = runs + [run_usage]
     total: Counter = Counter()
     for r in usage["runs"]:
         for k in ("requests", "prompt_tokens", "completion_tokens"):
@@ -910,7 +914,25 @@ def synthesize(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, *, n_p
     log.info("synthesis: %d planned, %d already done, rare ratio %.3f (alpha %.3f)",
              len(specs), report.already_done, report.rare_ratio, alpha)
 
+    t0 = time.time()
+    usage_lock = threading.Lock()
+
+    def run_usage_now() -> dict:
+        u = caller.usage
+        return {"model": model, "started": t0, "seconds": round(time.time() - t0, 3),
+                "requests": u["requests"], "prompt_tokens": u["prompt_tokens"],
+                "completion_tokens": u["completion_tokens"],
+                "cost_usd": round(u["cost_usd_micros"] / 1e6, 6), "stopped": budget.exhausted}
+
     def work(spec: PromptSpec) -> str:
+        try:
+            return _work(spec)
+        finally:
+            # kept current while running, so a killed run's spending is on record
+            with usage_lock:
+                _record_usage(run.out, run_usage_now())
+
+    def _work(spec: PromptSpec) -> str:
         if caller.stop_event.is_set():
             return "not_started"
         docs = run.docs_for(spec)
@@ -930,7 +952,6 @@ def synthesize(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, *, n_p
         return "not_started"
 
     outcomes: Counter = Counter()
-    t0 = time.time()
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synth") as pool:
             futures = [pool.submit(work, s) for s in todo]
@@ -944,13 +965,9 @@ def synthesize(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, *, n_p
                 raise
     finally:
         run.close()
-        u = caller.usage
-        run_usage = {"model": model, "started": t0, "seconds": round(time.time() - t0, 3),
-                     "requests": u["requests"], "prompt_tokens": u["prompt_tokens"],
-                     "completion_tokens": u["completion_tokens"],
-                     "cost_usd": round(u["cost_usd_micros"] / 1e6, 6),
-                     "stopped": budget.exhausted}
-        _record_usage(run.out, run_usage)
+        run_usage = run_usage_now()
+        with usage_lock:
+            _record_usage(run.out, run_usage)
     report.accepted = run.counts["accepted"]
     report.rejected = run.counts["rejected"]
     report.rejected_by_reason = dict(sorted(run.reasons.items()))

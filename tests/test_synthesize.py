@@ -105,6 +105,8 @@ def test_kill_9_mid_run_and_restart_matches_uninterrupted_run(tmp_path):
         report = run(srv, out, n_prompts=n_prompts, workers=4)
         later = [k for k, kind, _ in srv.requests[n_before:]]
     assert report.already_done == len(done_before)
+    runs = json.loads((out / "usage.json").read_text())["runs"]
+    assert len(runs) == 2 and runs[0]["requests"] > 0  # the killed run's spending is on record
     assert not done_before & set(later), "a finished key was requested again"
     assert records(out) == expected
     assert TEST_KEY not in log_text
