@@ -104,6 +104,20 @@ class _Sampled:
     top: list[tuple[list[int], list[float]]] | None = None
 
 
+class _Call:
+    """A function the worker thread runs between generate calls (JAX stays on that thread)."""
+
+    def __init__(self, fn):
+        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self.error = e
+        self.done.set()
+
+
 @dataclasses.dataclass(eq=False)
 class _Request:
     id: str
@@ -296,9 +310,47 @@ class Server:
                 r = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if r is not None:
+            if isinstance(r, _Call):
+                r.error = RuntimeError("server stopped")
+                r.done.set()
+            elif r is not None:
                 r.events.put(("error", APIError(503, "server is shutting down", type="server_error")))
         self._httpd = None
+
+    def run_on_worker(self, fn):
+        """Run fn() on the worker thread (between generate calls) and return its result."""
+        if self._httpd is None:
+            raise RuntimeError("server not started")
+        call = _Call(fn)
+        self._queue.put(call)
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def warmup(self, *, prompt_len: int = 32, max_tokens: int = 16, n: int = 1,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> float:
+        """Compile the generate calls the batcher can make for these settings: every
+        prompt-count bucket up to max_batch // n, prompts of prompt_len tokens (they are
+        padded to multiples of 32), max_tokens rounded up as the batcher rounds it, all decode
+        chunks. Returns the seconds it took. Needs a started server."""
+        from medssr_jax.sampler import _bucket_prompts, generate
+
+        bucket = MIN_TOKENS_BUCKET
+        while bucket < max_tokens:
+            bucket *= 2
+        max_new = min(bucket, self.config.max_position_embeddings - prompt_len)
+        sizes = sorted({_bucket_prompts(p, 1) for p in range(1, max(self.max_batch // n, 1) + 1)})
+
+        def compile_all() -> None:
+            for p in sizes:
+                generate(self.model, [[self.pad_id] * prompt_len] * p, n=n, max_new_tokens=max_new,
+                         temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=[],
+                         pad_id=self.pad_id, chunk_size=self.chunk_size, progress=False)
+
+        t0 = time.perf_counter()
+        self.run_on_worker(compile_all)
+        return time.perf_counter() - t0
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -510,6 +562,9 @@ class Server:
                 r = self._queue.get()
                 if r is None:
                     break
+                if isinstance(r, _Call):
+                    r.run()
+                    continue
                 pending.append(r)
             deadline = time.monotonic() + self.max_wait_ms / 1000
             while sum(r.rows for r in pending) < self.max_batch:
@@ -521,6 +576,9 @@ class Server:
                 if r is None:
                     self._stopping.set()
                     break
+                if isinstance(r, _Call):
+                    r.run()
+                    continue
                 pending.append(r)
             if self._stopping.is_set():
                 break
