@@ -336,6 +336,10 @@ def test_client_disconnect_mid_stream(server, client, tiny, tok):
     assert_alive(client, tiny, tok)
 
 
+def test_jax_work_runs_on_the_worker_thread(server):
+    assert server.run_on_worker(lambda: threading.current_thread().name) == "medssr-server-worker"
+    assert threading.current_thread().name != "medssr-server-worker"
+
 # --- the real SmolLM2 -----------------------------------------------------------------
 
 @pytest.mark.real_assets
