@@ -190,3 +190,16 @@ def test_disease_name_retrieves_its_profile(minilm, hpo_index_data):
     # over the sampled names, the disease's own profile ranks first for the large majority
     top, _ = index.search(queries, 1)
     assert np.mean([t[0] == q for t, q in zip(top, query_ids)]) > 0.9
+
+
+def test_numpy_fallback_without_scann(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "have_scann", lambda: False)
+    rng = np.random.default_rng(3)
+    db, q = _unit(rng, 200, 8), _unit(rng, 3, 8)
+    ids = [str(i) for i in range(200)]
+    with pytest.warns(UserWarning, match="scann is not installed.*exact numpy search"):
+        index = rt.Index.build(db, ids, method="tree_ah")
+    assert index.backend == "numpy"
+    ref, _ = rt.exact_search(db, q, 5)
+    assert index.search(q, 5)[0] == [[str(i) for i in row] for row in ref]
+    assert rt.Index.load(index.save(tmp_path / "np")).search(q, 5)[0] == index.search(q, 5)[0]
