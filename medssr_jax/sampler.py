@@ -173,7 +173,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
     prompt i; finished rows continue with pad_id): what a streaming server sends.
     """
     cfg = model.config
+    if top_k > cfg.vocab_size:
+        top_k = 0  # a top-k wider than the vocabulary keeps every token
     params = SamplingParams(float(temperature), float(top_p), int(top_k))
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens), ("chunk_size", chunk_size),
+                        ("prompt_bucket", prompt_bucket), ("pad_id", pad_id)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not 0 <= pad_id < cfg.vocab_size:
+        raise ValueError(f"pad_id={pad_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    if prompt_bucket < 1:
+        raise ValueError(f"prompt_bucket must be >= 1, got {prompt_bucket}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if max_new_tokens < 1:

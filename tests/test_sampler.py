@@ -337,11 +337,21 @@ def tiny():
     ([[3]], dict(top_k=-1), "top_k must be >= 0"),
     ([[3], [5, 256]], {}, r"prompt 1 has token ids outside \[0, 256\)"),
     ([[-1, 3]], {}, r"prompt 0 has token ids outside \[0, 256\)"),
+    ([[3]], dict(n=2.5), "n must be an integer, got 2.5"),
+    ([[3]], dict(prompt_bucket=0), "prompt_bucket must be >= 1"),
+    ([[3]], dict(pad_id=256), r"pad_id=256 is outside the vocabulary \[0, 256\)"),
 ], ids=["no-prompts", "empty-prompt", "too-long", "too-long-by-1", "n0", "max-new-0", "neg-temp",
-        "nan-temp", "top-p-0", "top-p-1.5", "neg-top-k", "token-too-big", "token-negative"])
+        "nan-temp", "top-p-0", "top-p-1.5", "neg-top-k", "token-too-big", "token-negative",
+        "float-n", "bucket-0", "pad-outside-vocab"])
 def test_bad_input_is_rejected(tiny, prompts, kw, match):
     with pytest.raises(ValueError, match=match):
         generate(tiny, prompts, **({"max_new_tokens": 4} | kw))
+
+
+def test_top_k_wider_than_the_vocabulary_keeps_every_token(tiny):
+    wide = generate(tiny, [[3, 4]], n=3, max_new_tokens=6, top_k=10_000, seed=5, eos_ids=[])
+    plain = generate(tiny, [[3, 4]], n=3, max_new_tokens=6, top_k=0, seed=5, eos_ids=[])
+    assert [c.tokens for c in wide[0]] == [c.tokens for c in plain[0]]
 
 
 def test_prompt_filling_the_context_exactly_is_accepted(tiny):
