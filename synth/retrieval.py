@@ -85,14 +85,34 @@ def _batch_bucket(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(0, (n - 1).bit_length()))
 
 
+def _replicate(encoder, mesh):
+    """The encoder's parameters copied to every device of the mesh (it is small)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+    graphdef, state = nnx.split(encoder)
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    return nnx.merge(graphdef, state)
+
+
 def embed_texts(encoder, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_len: int = 256,
-                pooling: str = "cls", normalize: bool = False, pad_id: int = 0) -> np.ndarray:
+                pooling: str = "cls", normalize: bool = False, pad_id: int = 0, mesh=None) -> np.ndarray:
     """[N, D] float32 embeddings of `texts` with a `models.bert` encoder.
 
     Texts are sorted by length so each batch pads little; lengths are padded to a
     multiple of 16 and batches to a power of two, so few shapes are compiled.
+    With a `mesh`, each batch is split over its ("data", "fsdp") devices and the
+    encoder is replicated.
     """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from models import bert
+    shards = 1
+    if mesh is not None:
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        encoder = _replicate(encoder, mesh)
+        batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     if max_len > encoder.config.max_position_embeddings:
         raise ValueError(f"max_len {max_len} exceeds the encoder's {encoder.config.max_position_embeddings} positions")
     n = len(texts)
@@ -104,13 +124,15 @@ def embed_texts(encoder, tokenizer, texts: Sequence[str], *, batch_size: int = 6
     for start in range(0, n, batch_size):
         rows = order[start:start + batch_size]
         t = _pad_to(max(len(ids[i]) for i in rows), 16, max_len)
-        b = _batch_bucket(len(rows), batch_size)
+        b = -(-_batch_bucket(len(rows), batch_size) // shards) * shards
         tok = np.full((b, t), pad_id, np.int32)
         mask = np.zeros((b, t), np.int32)
         for j, i in enumerate(rows):
             tok[j, :len(ids[i])] = ids[i]
             mask[j, :len(ids[i])] = 1
         mask[len(rows):, 0] = 1  # padding rows attend to one token, so nothing divides by zero
+        if mesh is not None:
+            tok, mask = (jax.device_put(x, batch_sharding) for x in (tok, mask))
         emb = bert.encode(encoder, tok, mask, pooling=pooling, normalize=normalize)
         out[rows] = np.asarray(emb)[:len(rows)]
     return out
@@ -149,7 +171,7 @@ def _settings_key(encoder, pooling, normalize, max_len, texts: Sequence[str]) ->
 
 def embed_corpus(encoder, tokenizer, docs: Iterable[Mapping], *, batch_size: int = 64, max_len: int = 256,
                  pooling: str = "cls", normalize: bool = False, out_dir: str | os.PathLike | None = None,
-                 shard_size: int = 4096, progress: bool = True, text_fn=doc_text
+                 shard_size: int = 4096, progress: bool = True, text_fn=doc_text, mesh=None
                  ) -> tuple[np.ndarray, list[str]]:
     """Embed documents -> ([N, D] float32, ids), streaming `docs` one shard at a time.
 
@@ -197,7 +219,7 @@ def embed_corpus(encoder, tokenizer, docs: Iterable[Mapping], *, batch_size: int
             for s in range(0, len(texts), batch_size * 8):  # report progress within a shard
                 parts.append(embed_texts(encoder, tokenizer, texts[s:s + batch_size * 8],
                                          batch_size=batch_size, max_len=max_len, pooling=pooling,
-                                         normalize=normalize))
+                                         normalize=normalize, mesh=mesh))
                 if prog:
                     prog.update(embedded=len(parts[-1]))
             emb = np.concatenate(parts)

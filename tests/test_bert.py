@@ -139,3 +139,26 @@ def test_minilm_matches_transformers_and_sentence_transformers_pooling():
     emb = np.asarray(bert.encode(model, ids, mask, pooling="mean", normalize=True))
     sims = emb @ emb.T  # the two Marfan sentences are closer to each other than to "fever"
     assert sims[0, 1] > sims[0, 2] and sims[0, 1] > sims[1, 2]
+
+
+class _IdTokenizer:
+    """Texts of space-separated ids, framed by ids 1 and 2 the way [CLS] ... [SEP] frame BERT input."""
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[1] + [int(t) for t in s.split()] + [2] for s in texts]}
+
+
+def test_embedding_sharded_over_8_devices_equals_one_device(tiny_dir):
+    import jax
+
+    from medssr_jax.sharding import make_mesh
+    from synth.retrieval import embed_texts
+    assert jax.device_count() == 8
+    model, _ = bert.from_pretrained(tiny_dir[0])
+    rng = np.random.default_rng(3)
+    texts = [" ".join(map(str, rng.integers(3, 120, rng.integers(2, 30)))) for _ in range(21)]
+    plain = embed_texts(model, _IdTokenizer(), texts, batch_size=8, max_len=40, pooling="mean")
+    sharded = embed_texts(model, _IdTokenizer(), texts, batch_size=8, max_len=40, pooling="mean",
+                          mesh=make_mesh(data=4, fsdp=2, tensor=1))
+    assert plain.shape == (21, 48) and np.abs(plain).max() > 0.1
+    np.testing.assert_allclose(sharded, plain, rtol=1e-5, atol=1e-5)
