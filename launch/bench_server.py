@@ -24,6 +24,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from medssr_jax import tokenizers
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("url", None, "Base URL of a running server (…/v1); default: start one in-process.")
 flags.DEFINE_string("model", None, "In-process: HF directory or .gguf file; default: the tiny preset.")
@@ -45,23 +47,6 @@ QUESTIONS = [
 ]
 
 
-def byte_tokenizer():
-    """A 256-id byte-level tokenizer: <pad>, <|im_end|>, <|im_start|>, then bytes 3..255."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    specials = ["<pad>", "<|im_end|>", "<|im_start|>"]
-    chars = bytes_to_unicode()
-    vocab = {s: i for i, s in enumerate(specials)} | {chars[b]: b for b in range(3, 256)}
-    tk = Tokenizer(models.BPE(vocab, [], fuse_unk=False, byte_fallback=False))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>",
-                                   clean_up_tokenization_spaces=False)
-
-
 def start_server():
     import models
     from medssr_jax.server import Server
@@ -72,7 +57,7 @@ def start_server():
         tok, name, template = load_tokenizer(FLAGS.model), os.path.basename(FLAGS.model), None
     else:
         model = models.init_model(models.preset("tiny", tie_word_embeddings=False))
-        tok, name, template = byte_tokenizer(), "tiny", "qwen3"
+        tok, name, template = tokenizers.byte_tokenizer(), "tiny", "qwen3"
     server = Server(model, tok, model_name=name, chat_template=template, max_batch=FLAGS.max_batch,
                     max_wait_ms=FLAGS.max_wait_ms, chunk_size=FLAGS.chunk_size).start()
     from medssr_jax.chat import format_chat

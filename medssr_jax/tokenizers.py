@@ -277,3 +277,25 @@ def stop_token_ids(tokenizer, template_name: str) -> list[int]:
             f"({', '.join(_STOP_TOKENS[template_name]) or 'none'}) and no eos_token"
         )
     return ids
+
+
+def byte_tokenizer():
+    """A 256-id byte-level tokenizer for tiny random models (tests, benchmarks, smoke runs).
+
+    Ids 0-2 are `<pad>`, `<|im_end|>` (EOS) and `<|im_start|>`, so ChatML
+    templates work; ids 3-255 are the bytes with those values (bytes 0-2 are
+    not representable). No merges: one token per byte.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<pad>", "<|im_end|>", "<|im_start|>"]
+    chars = bytes_to_unicode()
+    vocab = {s: i for i, s in enumerate(specials)} | {chars[b]: b for b in range(3, 256)}
+    tk = Tokenizer(models.BPE(vocab, [], fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>",
+                                   clean_up_tokenization_spaces=False)

@@ -24,6 +24,7 @@ import models  # noqa: E402
 from medssr_jax.chat import format_chat  # noqa: E402
 from medssr_jax.sampler import generate  # noqa: E402
 from medssr_jax.server import Server  # noqa: E402
+from medssr_jax.tokenizers import byte_tokenizer  # noqa: E402
 
 API_KEY = "test-key-123"
 NEW = 16
@@ -32,20 +33,7 @@ TEMPLATE = "qwen3"
 
 
 def tiny_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, decoders, models as tk_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    specials = ["<pad>", "<|im_end|>", "<|im_start|>"]
-    byte_chars = bytes_to_unicode()
-    vocab = {s: i for i, s in enumerate(specials)}
-    vocab.update({byte_chars[b]: b for b in range(3, 256)})
-    tk = Tokenizer(tk_models.BPE(vocab, [], fuse_unk=False, byte_fallback=False))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>",
-                                   clean_up_tokenization_spaces=False)
+    return byte_tokenizer()
 
 
 # --- fixtures -----------------------------------------------------------------------
