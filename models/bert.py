@@ -277,13 +277,7 @@ def _target(model: BertEncoder, name: str):
 def from_pretrained(path: str | os.PathLike, dtype: str = "float32") -> tuple[BertEncoder, BertConfig]:
     """Load an HF BERT directory (config.json + safetensors); every encoder tensor is checked."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing (needed to build the encoder)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+    hf, config_file = safetensors_io.read_config(path, "the encoder")
     cfg = BertConfig.from_hf(hf, source=str(config_file), dtype=str(jnp.dtype(dtype)))
     model = nnx.eval_shape(lambda: BertEncoder(cfg, rngs=nnx.Rngs(0)))
     expected, seen = set(expected_hf_names(cfg)), set()

@@ -118,13 +118,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
         return load_tensors(cfg, tensors, mesh, str(path)), cfg
     if not path.is_dir():
         raise ValueError(f"{path}: expected an HF checkpoint directory or a .gguf file")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: missing (needed to build the model)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+    hf, config_file = safetensors_io.read_config(path, "the model")
     cfg = ModelConfig.from_hf(hf, source=str(config_file), **overrides)
     tensors = ((name, arr, str(f)) for name, arr, f in safetensors_io.iter_tensors(path))
     return load_tensors(cfg, tensors, mesh, str(path)), cfg

@@ -74,6 +74,17 @@ class SafetensorsFile:
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
+def read_config(directory: Path, needed_for: str) -> tuple[dict, Path]:
+    """An HF directory's config.json as a dict (and its path), with errors naming the file."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing (needed to build {needed_for})")
+    try:
+        return json.loads(config_file.read_text()), config_file
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+
+
 def checkpoint_files(directory: Path) -> list[Path]:
     """The safetensors files of an HF directory (sharded via its index, or single)."""
     index = directory / "model.safetensors.index.json"
