@@ -1,0 +1,63 @@
+"""Run-directory manifests: skip finished stages, resume interrupted ones, refuse mixed runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.rundir import ManifestMismatch, RunDir, file_digest, write_json_atomic
+
+
+def test_stage_lifecycle(tmp_path):
+    run = RunDir(tmp_path)
+    inputs, config = {"seeds": "abc"}, {"alpha": 0.3, "n": 8}
+    assert run.begin("label", inputs, config) == "start"
+    assert run.manifest("label")["status"] == "running"
+    assert run.begin("label", inputs, config) == "resume"  # interrupted: same inputs resume
+    run.finish("label", {"file": "pseudo_labelled.jsonl"}, {"kept": 5})
+    m = run.manifest("label")
+    assert m["status"] == "done" and m["summary"] == {"kept": 5} and m["seconds"] >= 0
+    assert m["code_version"]
+    assert run.begin("label", inputs, config) == "skip"
+    assert len(run.manifest_hash("label")) == 64
+
+
+def test_changed_config_or_inputs_are_refused(tmp_path):
+    run = RunDir(tmp_path)
+    run.begin("synthesize", {"seeds": "abc"}, {"alpha": 0.3})
+    run.finish("synthesize", {})
+    with pytest.raises(ManifestMismatch, match=r"synthesize.*different alpha"):
+        run.begin("synthesize", {"seeds": "abc"}, {"alpha": 0.5})
+    with pytest.raises(ManifestMismatch, match=r"different input seeds"):
+        run.begin("synthesize", {"seeds": "xyz"}, {"alpha": 0.3})
+
+
+def test_upstream_must_be_done(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(ManifestMismatch, match=r"stage 'label' has not finished"):
+        run.manifest_hash("label")
+    run.begin("label", {}, {})
+    with pytest.raises(ManifestMismatch, match=r"has not finished"):
+        run.manifest_hash("label")
+
+
+def test_corrupt_manifest_is_named(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestMismatch, match=r"eval/manifest\.json: unreadable manifest"):
+        RunDir(tmp_path).begin("eval", {}, {})
+
+
+def test_atomic_json_and_digests(tmp_path):
+    p = write_json_atomic(tmp_path / "a" / "x.json", {"b": 1, "a": [1, 2]})
+    assert json.loads(p.read_text()) == {"a": [1, 2], "b": 1}
+    assert list((tmp_path / "a").iterdir()) == [p]  # no temporary file left behind
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f1").write_text("one")
+    d1 = file_digest(tmp_path / "d")
+    (tmp_path / "d" / "f1").write_text("two")
+    assert file_digest(tmp_path / "d") != d1
+    assert file_digest(p) == file_digest(p)
+    with pytest.raises(FileNotFoundError, match="no such input"):
+        file_digest(tmp_path / "missing")
