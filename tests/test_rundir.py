@@ -61,3 +61,21 @@ def test_atomic_json_and_digests(tmp_path):
     assert file_digest(p) == file_digest(p)
     with pytest.raises(FileNotFoundError, match="no such input"):
         file_digest(tmp_path / "missing")
+
+
+def test_paper_presets_carry_the_verl_defaults():
+    from launch.presets import PRESETS, pipeline_preset
+    for name in ("qwen3_8b_base", "llama31_8b_instruct"):
+        p = PRESETS[name]
+        for rl in (p.rl_self, p.rl_sup):
+            assert (rl.prompts_per_step, rl.num_generations, rl.max_prompt_len, rl.max_new_tokens) == (128, 8, 512, 3072)
+            assert rl.temperature == 1.0
+            assert (rl.optim.learning_rate, rl.optim.weight_decay, rl.optim.warmup_ratio,
+                    rl.optim.grad_clip, rl.optim.schedule) == (3e-6, 0.01, 0.1, 1.0, "cosine")
+            assert (rl.loss.clip_low, rl.loss.clip_high, rl.loss.dual_clip, rl.loss.kl_coef,
+                    rl.loss.kl_estimator, rl.loss.agg) == (0.2, 0.2, 3.0, 0.005, "low_var_kl", "token-mean")
+        assert (p.num_votes, p.eval_generations, p.eval_temperature, p.eval_top_p, p.eval_top_k,
+                p.eval_max_new_tokens) == (8, 4, 0.6, 0.95, 20, 2048)
+    assert pipeline_preset("tiny", alpha=0.7).alpha == 0.7
+    with pytest.raises(ValueError, match=r"unknown --config 'nope'"):
+        pipeline_preset("nope")

@@ -1,0 +1,93 @@
+"""Pipeline presets: frozen dataclasses; command-line flags only select and override.
+
+`tiny` (a random tiny model, for tests), `smollm2` (the embedded default on a
+CPU), and the paper's settings `qwen3_8b_base` / `llama31_8b_instruct` with the
+verl GRPO defaults the MedSSR authors used (see ARCHITECTURE.md): 128 prompts x
+8 rollouts per step, prompt <= 512 and response <= 3072 tokens, AdamW lr 3e-6
+(wd 0.01), cosine with 10% warmup, grad clip 1.0, one update per rollout batch,
+rollout temperature 1.0, low_var_kl at 0.005, token-mean aggregation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rl.loop import RLConfig
+from rl.train_step import LossConfig, OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    model: str | None            # HF dir / .gguf; None: the preset's default source
+    model_preset: str | None     # models.preset name for random weights (tests)
+    dtype: str = "float32"
+    mesh: tuple[int, int, int] = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    # synthesis
+    alpha: float = 0.3
+    num_questions: int = 43_000
+    synth_model: str = "gpt-4.1"
+    openai_base_url: str | None = None      # None: the offline HPO generator
+    retrieval_k: int = 3
+    # pseudo-labelling
+    num_votes: int = 8
+    label_threshold: float = 0.75
+    label_max_new_tokens: int = 3072
+    # GRPO (both stages)
+    rl_self: RLConfig = RLConfig()
+    rl_sup: RLConfig = RLConfig()
+    # evaluation (MedSSR protocol)
+    eval_generations: int = 4
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_top_k: int = 20
+    eval_max_new_tokens: int = 2048
+    eval_items_per_benchmark: int | None = None  # None: every item
+    seed: int = 0
+
+    def replace(self, **kw) -> "PipelineConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _paper_rl(steps: int) -> RLConfig:
+    return RLConfig(steps=steps, prompts_per_step=128, num_generations=8, max_new_tokens=3072,
+                    max_prompt_len=512, temperature=1.0, checkpoint_every=50, keep_checkpoints=3,
+                    loss=LossConfig(clip_low=0.2, clip_high=0.2, dual_clip=3.0, kl_coef=0.005,
+                                    kl_estimator="low_var_kl", agg="token-mean", temperature=1.0,
+                                    micro_batch_size=8),
+                    optim=OptimConfig(learning_rate=3e-6, weight_decay=0.01, warmup_ratio=0.1,
+                                      total_steps=steps, grad_clip=1.0, schedule="cosine"))
+
+
+def _small_rl(steps: int, prompts: int, gens: int, new_tokens: int, prompt_len: int) -> RLConfig:
+    return RLConfig(steps=steps, prompts_per_step=prompts, num_generations=gens,
+                    max_new_tokens=new_tokens, max_prompt_len=prompt_len, temperature=1.0,
+                    checkpoint_every=1, keep_checkpoints=2, sampler_chunk=32,
+                    loss=LossConfig(kl_coef=0.0, micro_batch_size=gens),
+                    optim=OptimConfig(learning_rate=1e-5, total_steps=steps, warmup_ratio=0.0))
+
+
+PRESETS: dict[str, PipelineConfig] = {
+    "tiny": PipelineConfig(
+        name="tiny", model=None, model_preset="tiny", num_questions=8, num_votes=4,
+        label_threshold=0.5, label_max_new_tokens=16,
+        rl_self=_small_rl(2, 2, 4, 16, 256), rl_sup=_small_rl(2, 2, 4, 16, 256),
+        eval_generations=2, eval_max_new_tokens=16, eval_items_per_benchmark=4),
+    "smollm2": PipelineConfig(
+        name="smollm2", model=None, model_preset=None, num_questions=16, num_votes=4,
+        label_threshold=0.5, label_max_new_tokens=96,
+        rl_self=_small_rl(2, 2, 4, 96, 512), rl_sup=_small_rl(2, 2, 4, 96, 512),
+        eval_generations=2, eval_max_new_tokens=96, eval_items_per_benchmark=8),
+    "qwen3_8b_base": PipelineConfig(
+        name="qwen3_8b_base", model=None, model_preset=None, dtype="bfloat16", mesh=(1, -1, 1),
+        rl_self=_paper_rl(300), rl_sup=_paper_rl(300)),
+    "llama31_8b_instruct": PipelineConfig(
+        name="llama31_8b_instruct", model=None, model_preset=None, dtype="bfloat16", mesh=(1, -1, 1),
+        rl_self=_paper_rl(300), rl_sup=_paper_rl(300)),
+}
+
+
+def pipeline_preset(name: str, **overrides) -> PipelineConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown --config {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
