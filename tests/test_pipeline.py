@@ -1,0 +1,54 @@
+"""Pipeline stages over a run directory on the tiny preset: outputs, manifests, skip, refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.pipeline import Inputs, Pipeline
+from launch.presets import pipeline_preset
+from launch.rundir import ManifestMismatch
+
+
+def test_synthesize_and_label_then_skip_and_refuse(tmp_path):
+    cfg = pipeline_preset("tiny")
+    pipe = Pipeline(cfg, tmp_path, Inputs())
+    result = pipe.run_stage("synthesize")
+    items = [json.loads(x) for x in (tmp_path / "synthesize" / "synthetic.jsonl").read_text().splitlines()]
+    assert len(items) == cfg.num_questions == result["summary"]["items"]
+    assert all(it["intended_answer"] in it["options"] for it in items)
+
+    pipe.run_stage("label")
+    votes = [json.loads(x) for x in (tmp_path / "label" / "pseudo_label_votes.jsonl").read_text().splitlines()]
+    assert len(votes) == cfg.num_questions and all(v["n"] == cfg.num_votes for v in votes)
+    summary = json.loads((tmp_path / "label" / "label_summary.json").read_text())
+    manifest = json.loads((tmp_path / "label" / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["summary"] == summary
+    assert manifest["inputs"]["model"] == "random:tiny" and "stage:synthesize" in manifest["inputs"]
+
+    # a rerun skips both stages; a changed setting is refused, naming it
+    again = Pipeline(cfg, tmp_path, Inputs())
+    assert again.run_stage("synthesize") is None and again.run_stage("label") is None
+    with pytest.raises(ManifestMismatch, match=r"stage 'synthesize' ran with different alpha"):
+        Pipeline(cfg.replace(alpha=0.9), tmp_path, Inputs()).run_stage("synthesize")
+
+
+def test_rl_self_without_kept_labels_fails_clearly(tmp_path):
+    # a random tiny model writes no readable answer, so every pseudo-label is dropped
+    pipe = Pipeline(pipeline_preset("tiny", num_questions=2, num_votes=2), tmp_path, Inputs())
+    pipe.run_stage("synthesize")
+    pipe.run_stage("label")
+    with pytest.raises(ValueError, match=r"stage rl_self: no training items"):
+        pipe.run_stage("rl_self")
+    assert json.loads((tmp_path / "rl_self" / "manifest.json").read_text())["status"] == "running"
+
+
+def test_stage_order_and_names(tmp_path):
+    pipe = Pipeline(pipeline_preset("tiny"), tmp_path, Inputs())
+    with pytest.raises(ManifestMismatch, match=r"stage 'synthesize' has not finished"):
+        pipe.run_stage("label")
+    with pytest.raises(ValueError, match=r"unknown stage 'train'"):
+        pipe.run_stage("train")
+    with pytest.raises(ValueError, match=r"rl_sup needs --real_data"):
+        Pipeline(pipeline_preset("tiny"), tmp_path / "b", Inputs()).rl_sup()
