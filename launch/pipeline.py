@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from launch.presets import PipelineConfig
