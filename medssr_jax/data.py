@@ -134,6 +134,9 @@ class MCQ:
         if self.answer is not None and self.answer not in self.options:
             raise ValueError(f"{self.id}: answer {self.answer!r} is not one of {self.letters}")
 
+    def __hash__(self) -> int:  # the dict fields are not hashable; equal records share these
+        return hash((self.id, self.question, self.answer, self.source, tuple(self.options.items())))
+
     @property
     def letters(self) -> str:
         """The option letters, e.g. ``"ABCD"``."""

@@ -31,6 +31,7 @@ def test_mcq_prompt_letters_and_validation():
     assert m.letters == "ABC"
     assert m.prompt_text() == "Which?\nA. x\nB. y\nC. z"
     assert MCQ.from_dict(m.to_dict()) == m
+    assert len({m, MCQ.from_dict(m.to_dict())}) == 1
     with pytest.raises(ValueError, match="not one of"):
         MCQ(id="q", question="Q", options={"A": "x", "B": "y"}, answer="C")
     with pytest.raises(ValueError, match="consecutive"):
@@ -366,6 +367,8 @@ def test_tfds_shards_disjoint_and_complete(built):
     dropped = [mcq_data_source(bdir, "train", seed=3, process_index=i, process_count=2, drop_remainder=True)
                for i in range(2)]
     assert [len(s) for s in dropped] == [11, 11]
+    default = mcq_data_source(bdir, "train", seed=3)  # jax.process_index() of jax.process_count()
+    assert (default.process_index, default.process_count) == (0, 1) and len(default) == 23
 
 
 def test_tfds_seeded_order(built):
