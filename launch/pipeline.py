@@ -31,6 +31,35 @@ class Inputs:
     benchmarks: str | None = None  # directory (or files) of MedSSR-format JSON
 
 
+def read_real_data(path: str | os.PathLike):
+    """Human-labelled questions, in whichever supported format the path holds.
+
+    A directory or a .json list of {question, gold}: MedSSR evaluation format;
+    a .json with "data" / "exams": HeadQA; .jsonl with "answer_idx": MedQA; with
+    "cop": MedMCQA; anything else is an error naming the file.
+    """
+    from medssr_jax import data
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return data.read_medssr_eval(p)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{p}: no such file (--real_data)")
+    with open(p, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    if p.endswith(".jsonl"):
+        first = head.splitlines()[0] if head else ""
+        if '"answer_idx"' in first:
+            return data.read_medqa(p)
+        if '"cop"' in first:
+            return data.read_medmcqa(p)
+        raise ValueError(f"{p}: JSONL of neither MedQA (answer_idx) nor MedMCQA (cop) records")
+    if head.startswith("["):
+        return data.read_medssr_eval(p)
+    if head.startswith("{"):
+        return data.read_headqa(p)
+    raise ValueError(f"{p}: not a supported question file (MedSSR JSON, MedQA/MedMCQA JSONL, HeadQA JSON)")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -144,8 +173,11 @@ class Pipeline:
     def rl_sup(self) -> dict:
         if not self.inputs.real_data:
             raise ValueError("stage rl_sup needs --real_data (human-labelled questions)")
-        from medssr_jax.data import read_any
-        records = [(r.id, r.question, r.options, r.answer) for r in read_any(self.inputs.real_data)]
+        data = read_real_data(self.inputs.real_data)
+        rows = data.load()
+        if data.stats.n_skipped:
+            log(f"rl_sup: skipped malformed records in {self.inputs.real_data}: {dict(data.stats.skipped)}")
+        records = [(r.id, r.question, r.options, r.answer) for r in rows if r.answer is not None]
         return self._rl("rl_sup", self.cfg.rl_sup, records, start_from="rl_self")
 
     def export(self) -> dict:

@@ -52,3 +52,22 @@ def test_stage_order_and_names(tmp_path):
         pipe.run_stage("train")
     with pytest.raises(ValueError, match=r"rl_sup needs --real_data"):
         Pipeline(pipeline_preset("tiny"), tmp_path / "b", Inputs()).rl_sup()
+
+
+def test_real_data_formats_are_detected(tmp_path):
+    from launch.pipeline import read_real_data
+    (tmp_path / "q.jsonl").write_text(json.dumps(
+        {"question": "Which?", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer_idx": "B",
+         "answer": "y"}) + "\n")
+    (tmp_path / "m.jsonl").write_text(json.dumps(
+        {"id": "m1", "question": "Which?", "opa": "x", "opb": "y", "opc": "z", "opd": "w", "cop": 3}) + "\n")
+    (tmp_path / "e.json").write_text(json.dumps(
+        [{"id": "e1", "question": "Which?\nA. x\nB. y", "gold": "A", "name": "toy"}]))
+    assert [r.answer for r in read_real_data(tmp_path / "q.jsonl").load()] == ["B"]
+    assert [r.answer for r in read_real_data(tmp_path / "m.jsonl").load()] == ["C"]
+    assert [r.answer for r in read_real_data(tmp_path / "e.json").load()] == ["A"]
+    (tmp_path / "x.jsonl").write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match=r"x\.jsonl: JSONL of neither MedQA"):
+        read_real_data(tmp_path / "x.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"no such file \(--real_data\)"):
+        read_real_data(tmp_path / "missing.json")
