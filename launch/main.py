@@ -61,28 +61,14 @@ def eval_dir() -> Path:
 
 
 def load_questions(path: Path, n: int, seed: int) -> list[dict]:
+    """n records of a MedSSR-format benchmark file, in a seeded random order."""
     import numpy as np
 
-    from medssr_jax.answers import parse_options
-    try:
-        records = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: benchmark file not found") from None
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}: not valid JSON ({e})") from None
-    order = np.random.default_rng(seed).permutation(len(records))
-    out = []
-    for i in order:
-        rec = records[int(i)]
-        try:
-            _, options = parse_options(rec["question"])
-        except (KeyError, ValueError) as e:
-            print(f"{path}: record {rec.get('id', i)} skipped: {e}", file=sys.stderr)
-            continue
-        out.append(dict(rec, options="".join(options)))
-        if len(out) == n:
-            break
-    return out
+    from medssr_jax.data import read_medssr_eval
+    records = read_medssr_eval(path).load()
+    order = np.random.default_rng(seed).permutation(len(records))[:n]
+    return [dict(id=records[i].id, question=records[i].prompt_text(), gold=records[i].answer,
+                 options="".join(records[i].options)) for i in order]
 
 
 def run_demo() -> dict:
