@@ -176,10 +176,16 @@ def test_scripted_with_recovery(tiny, tok):
 
 # --- the recovery pass on the tiny model --------------------------------------------------
 
-def _reference_choice(model, context, letters):
-    logits = np.asarray(models.forward(model, jnp.asarray([context], jnp.int32)))[0, -1]
-    scores = logits[[ord(x) for x in letters]]
-    return letters[int(np.argmax(scores))], scores
+def _reference_last_logits(model, contexts):
+    """Next-token logits after each context from one plain `forward` over a right-padded
+    batch (the evaluation code left-pads), read at each context's last real position."""
+    t = max(map(len, contexts))
+    tokens = np.zeros((len(contexts), t), np.int32)
+    mask = np.zeros((len(contexts), t), bool)
+    for i, c in enumerate(contexts):
+        tokens[i, :len(c)], mask[i, :len(c)] = c, True
+    logits = np.asarray(models.forward(model, jnp.asarray(tokens), jnp.asarray(mask)))
+    return [logits[i, len(c) - 1] for i, c in enumerate(contexts)]
 
 
 @pytest.mark.parametrize("truncate", [False, True])
@@ -198,7 +204,7 @@ def test_recovery_matches_independent_forward(tiny, tok, truncate):
     max_len = longest + len(ANSWER_SUFFIX) + 30 if truncate else None
     res = evaluate(tiny, tok, records, template="raw", num_generations=2, generate_fn=Scripted(tok, script),
                    max_new_tokens=256, recovery_max_len=max_len, recovery_batch_size=4, keep_texts=True)
-    checked = 0
+    checked, cases = 0, []
     for name, letters in (("two", "AB"), ("four", "ABCD"), ("five", "ABCDE")):
         b = res["benchmarks"][name]
         assert b["letters"] == letters and b["unreadable_rate"] == 1.0
@@ -212,12 +218,16 @@ def test_recovery_matches_independent_forward(tiny, tok, truncate):
                     context = prompt + list(text.encode())[:-cut] + list(ANSWER_SUFFIX.encode())
                     assert len(context) == max_len
                     checked += 1
-                want, scores = _reference_choice(tiny, context, letters)
-                top2 = np.sort(scores)[-2:]
-                assert top2[1] - top2[0] > 1e-5  # a clear winner: numerics cannot flip it
-                assert it["predictions"][g] == want and it["recovered"][g]
+                cases.append((context, letters, it["predictions"][g], it["recovered"][g]))
+    assert len(cases) == 18
     if max_len is not None:
         assert checked > 0  # truncation really happened
+    for (context, letters, pred, recovered), logits in zip(
+            cases, _reference_last_logits(tiny, [c[0] for c in cases])):
+        scores = logits[[ord(x) for x in letters]]
+        top2 = np.sort(scores)[-2:]
+        assert top2[1] - top2[0] > 1e-5  # a clear winner: numerics cannot flip it
+        assert recovered and pred in letters and pred == letters[int(np.argmax(scores))]
 
 
 def test_restricted_argmax_logits(tiny):
@@ -226,8 +236,8 @@ def test_restricted_argmax_logits(tiny):
     contexts = [rng.integers(3, 256, size=int(k)).tolist() for k in (5, 70, 33, 1, 129)]
     letter_ids = [[65, 66], [65, 66, 67, 68], [65, 66, 67, 68, 69], [70, 71], [65, 66, 67]]
     choice, scores = restricted_argmax(tiny, contexts, letter_ids, batch_size=2)
-    for c, ids, j, s in zip(contexts, letter_ids, choice, scores):
-        ref = np.asarray(models.forward(tiny, jnp.asarray([c], jnp.int32)))[0, -1, ids]
+    for ids, j, s, logits in zip(letter_ids, choice, scores, _reference_last_logits(tiny, contexts)):
+        ref = logits[ids]
         np.testing.assert_allclose(s, ref, rtol=1e-5, atol=1e-6)
         assert j == int(np.argmax(ref))
 
