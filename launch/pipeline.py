@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from launch.presets import PipelineConfig
@@ -180,6 +181,44 @@ class Pipeline:
         records = [(r.id, r.question, r.options, r.answer) for r in rows if r.answer is not None]
         return self._rl("rl_sup", self.cfg.rl_sup, records, start_from="rl_self")
 
+    def _trained_stage(self) -> str | None:
+        """The latest finished GRPO stage (rl_sup, else rl_self), or None for the base model."""
+        for stage in ("rl_sup", "rl_self"):
+            m = self.run.manifest(stage)
+            if m is not None and m.get("status") == "done":
+                return stage
+        return None
+
+    def benchmark_records(self) -> dict[str, list]:
+        import numpy as np
+
+        from medssr_jax.data import read_medssr_eval
+        src = (self.inputs.benchmarks or os.environ.get("MEDSSR_EVAL_DIR")
+               or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "medssr-eval"))
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"{src}: no benchmark files (--benchmarks or MEDSSR_EVAL_DIR)")
+        by_bench: dict[str, list] = {}
+        for r in read_medssr_eval(src).load():
+            by_bench.setdefault(r.source, []).append(r)
+        k = self.cfg.eval_items_per_benchmark
+        if k is not None:  # a seeded sample of each benchmark
+            rng = np.random.default_rng(self.cfg.seed)
+            by_bench = {b: [rs[i] for i in sorted(rng.permutation(len(rs))[:k])] for b, rs in by_bench.items()}
+        return by_bench
+
+    def eval(self) -> dict:
+        from medssr_jax.evaluation import evaluate, write_results
+        cfg, out = self.cfg, self.run.stage_dir("eval")
+        model, mcfg = self.load_policy(self._trained_stage())
+        results = evaluate(model, self.tokenizer(), self.benchmark_records(), template=mcfg.chat_template,
+                           num_generations=cfg.eval_generations, temperature=cfg.eval_temperature,
+                           top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
+                           max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
+        write_results(results, out)
+        summary = {b: round(r["accuracy_mean"], 4) for b, r in results["benchmarks"].items()}
+        return dict(outputs={"results": "results.json", "table": "results.md", "plot": "accuracy.png"},
+                    summary=dict(summary, policy=self._trained_stage() or "base"))
+
     def export(self) -> dict:
         src = self.run.root / "rl_sup" / "model"
         if not (src / "config.json").exists():
@@ -195,7 +234,9 @@ class Pipeline:
         src = self.model_source()
         inputs = {"model": src if src.startswith("random:") else file_digest(src)}
         upstream = {"label": ["synthesize"], "rl_self": ["label"], "rl_sup": ["rl_self"],
-                    "eval": [], "export": ["rl_self"]}.get(stage, [])
+                    "export": ["rl_self"]}.get(stage, [])
+        if stage == "eval" and self._trained_stage():
+            upstream = [self._trained_stage()]
         for up in upstream:
             inputs[f"stage:{up}"] = self.run.manifest_hash(up)
         if stage == "rl_sup" and self.inputs.real_data:

@@ -71,3 +71,18 @@ def test_real_data_formats_are_detected(tmp_path):
         read_real_data(tmp_path / "x.jsonl")
     with pytest.raises(FileNotFoundError, match=r"no such file \(--real_data\)"):
         read_real_data(tmp_path / "missing.json")
+
+
+def test_eval_stage_on_the_base_model(tmp_path):
+    cfg = pipeline_preset("tiny", eval_items_per_benchmark=2, eval_generations=2, eval_max_new_tokens=8)
+    pipe = Pipeline(cfg, tmp_path, Inputs())
+    result = pipe.run_stage("eval")
+    out = tmp_path / "eval"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["benchmarks"]) == {"medqa", "medmcqa", "mmlu", "pubmedqa", "bioasq", "medbullets"}
+    for b in results["benchmarks"].values():
+        assert b["n"] == 2 and 0.0 <= b["accuracy_mean"] <= 1.0
+        assert all(p in b["letters"] for item in b["items"] for p in item["predictions"])  # recovery fills in
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["summary"]["policy"] == "base"
+    assert (out / "results.md").read_text().count("\n| ") >= 6
