@@ -312,10 +312,15 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int, metric: st
 
 
 def tree_ah_params(n: int) -> dict:
-    """Tree-AH parameters from the corpus size: ~sqrt(n) leaves, ~10% of them searched,
-    the top 100 AH candidates re-scored exactly."""
+    """Tree-AH parameters from the corpus size: ~sqrt(n) leaves, ~10% of them searched but
+    at least 40 (or all of them), the top 100 AH candidates re-scored exactly.
+
+    The floor matters for small corpora: on the 4,281 HPO profiles (65 leaves)
+    searching 6 leaves gave recall@10 0.72 against exact search, 40 leaves 0.97.
+    """
     num_leaves = max(2, min(n, int(round(math.sqrt(n)))))
-    return {"num_leaves": num_leaves, "num_leaves_to_search": max(1, int(round(num_leaves / 10))),
+    to_search = min(num_leaves, max(40, int(round(num_leaves / 10))))
+    return {"num_leaves": num_leaves, "num_leaves_to_search": to_search,
             "reorder": 100, "training_sample_size": min(n, 250_000), "dims_per_block": 2,
             "anisotropic_quantization_threshold": 0.2, "spherical": False, "soar_lambda": None}
 

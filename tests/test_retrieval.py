@@ -65,6 +65,8 @@ def test_tree_ah_params_follow_corpus_size():
     p = rt.tree_ah_params(1_000_000)
     assert (p["num_leaves"], p["num_leaves_to_search"], p["reorder"]) == (1000, 100, 100)
     assert rt.tree_ah_params(4281)["num_leaves"] == 65
+    assert rt.tree_ah_params(4281)["num_leaves_to_search"] == 40  # the floor for small corpora
+    assert rt.tree_ah_params(900)["num_leaves_to_search"] == 30  # every leaf
 
 
 def test_load_embeddings(tmp_path):
@@ -144,9 +146,9 @@ def test_tree_ah_recall_speed_and_round_trip(tmp_path, hpo_index_data):
     docs, emb, ids, queries, _ = hpo_index_data
     assert len(ids) > 3_500
     exact, _ = rt.exact_search(emb, queries, 10)
-    # This corpus is small and its profiles are alike (cosine ~0.4 between random pairs), so the
-    # default 10% of leaves reaches recall ~0.74; searching 40 of 65 leaves reaches >= 0.95.
-    index = rt.Index.build(emb, ids, method="tree_ah", num_leaves_to_search=40)
+    # This corpus is small and its profiles are alike (cosine ~0.4 between random pairs): 10% of
+    # the leaves reaches recall ~0.74; the size-derived floor of 40 of 65 leaves reaches >= 0.95.
+    index = rt.Index.build(emb, ids, method="tree_ah")  # parameters from the corpus size
     assert index.params["num_leaves"] == 65 and index.params["reorder"] == 100
     got, scores = index.search(queries, 10)
     ids_arr = np.asarray(ids, object)
