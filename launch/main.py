@@ -14,15 +14,13 @@ Stages available now:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from absl import app, flags, logging
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_EVAL_DIR = REPO.parent / "shared" / "data" / "medssr-eval"
+from medssr_jax.data import DEFAULT_EVAL_DIR, eval_dir as resolve_eval_dir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", "demo", ["demo", "synthesize", "label", "rl_self", "rl_sup", "eval", "export", "all"],
@@ -52,12 +50,10 @@ flags.DEFINE_integer("steps", 2, "GRPO steps in the demo.")
 flags.DEFINE_integer("num_generations", 4, "GRPO responses per prompt.")
 flags.DEFINE_integer("seed", 0, "Seed for question choice, sampling and training.")
 
-INSTRUCTION = ("Answer the multiple-choice question. Think briefly, then finish with "
-               "\"The answer is X\" where X is the letter of the correct option.")
 
 
 def eval_dir() -> Path:
-    d = Path(FLAGS.benchmarks or os.environ.get("MEDSSR_EVAL_DIR") or DEFAULT_EVAL_DIR)
+    d = resolve_eval_dir(FLAGS.benchmarks)
     if not d.is_dir():
         raise SystemExit(f"benchmark directory {d} not found: pass --benchmarks=<dir of MedSSR JSON files> "
                          f"or set MEDSSR_EVAL_DIR")
@@ -71,8 +67,8 @@ def load_questions(path: Path, n: int, seed: int) -> list[dict]:
     from medssr_jax.data import read_medssr_eval
     records = read_medssr_eval(path).load()
     order = np.random.default_rng(seed).permutation(len(records))[:n]
-    return [dict(id=records[i].id, question=records[i].prompt_text(), gold=records[i].answer,
-                 options="".join(records[i].options)) for i in order]
+    return [dict(id=records[i].id, stem=records[i].question, option_texts=dict(records[i].options),
+                 gold=records[i].answer, options="".join(records[i].options)) for i in order]
 
 
 def run_demo() -> dict:
@@ -81,11 +77,11 @@ def run_demo() -> dict:
     import models
     from medssr_jax import assets
     from medssr_jax.answers import extract_answer, majority_vote
-    from medssr_jax.chat import format_chat
     from medssr_jax.sampler import generate
     from models.gguf import tokenizer_from_gguf
     from rl.loop import RLConfig, RLItem, option_letter_reward, run_grpo
     from rl.train_step import LossConfig, OptimConfig
+    from synth.pseudo_label import build_prompt
 
     benchmark_file = eval_dir() / f"{FLAGS.benchmark}.json"  # fail on bad inputs before loading
     if not benchmark_file.exists():
@@ -106,11 +102,8 @@ def run_demo() -> dict:
           f"template {cfg.chat_template}", file=sys.stderr)
 
     questions = load_questions(benchmark_file, FLAGS.num_questions, FLAGS.seed)
-    prompts = []
-    for q in questions:
-        text = format_chat([{"role": "user", "content": f"{INSTRUCTION}\n\n{q['question']}"}],
-                           cfg.chat_template)
-        prompts.append(tokenizer.encode(text, add_special_tokens=False))
+    prompts = [tokenizer.encode(build_prompt(q["stem"], q["option_texts"], cfg.chat_template),
+                                add_special_tokens=False) for q in questions]
     eos = list(cfg.eos_token_ids)
 
     # Pseudo-labelling: n votes per question, majority label and confidence.

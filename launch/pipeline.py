@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from launch.presets import PipelineConfig
@@ -192,10 +191,9 @@ class Pipeline:
     def benchmark_records(self) -> dict[str, list]:
         import numpy as np
 
-        from medssr_jax.data import read_medssr_eval
-        src = (self.inputs.benchmarks or os.environ.get("MEDSSR_EVAL_DIR")
-               or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "medssr-eval"))
-        if not os.path.exists(src):
+        from medssr_jax.data import eval_dir, read_medssr_eval
+        src = eval_dir(self.inputs.benchmarks)
+        if not src.exists():
             raise FileNotFoundError(f"{src}: no benchmark files (--benchmarks or MEDSSR_EVAL_DIR)")
         by_bench: dict[str, list] = {}
         for r in read_medssr_eval(src).load():

@@ -394,6 +394,15 @@ def _eval_records(path: Path, ctx: _Ctx) -> Iterator[MCQ]:
             yield mcq
 
 
+DEFAULT_EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "medssr-eval"
+
+
+def eval_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Where the MedSSR evaluation files are: `explicit` (a flag), else
+    $MEDSSR_EVAL_DIR, else ../shared/data/medssr-eval beside the checkout."""
+    return Path(explicit or os.environ.get("MEDSSR_EVAL_DIR") or DEFAULT_EVAL_DIR)
+
+
 def read_medssr_eval(path_or_dir: str | os.PathLike, names: Sequence[str] | None = None, *,
                      on_error: str = "skip") -> Records:
     """MedSSR evaluation records (``{id, question, gold, name, long, ...}``).
