@@ -49,6 +49,12 @@ flags.DEFINE_float("temperature", 0.6, "Sampling temperature (MedSSR evaluation 
 flags.DEFINE_integer("steps", 2, "GRPO steps in the demo.")
 flags.DEFINE_integer("num_generations", 4, "GRPO responses per prompt.")
 flags.DEFINE_integer("seed", 0, "Seed for question choice, sampling and training.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs "
+                    "(default: $MEDSSR_COORDINATOR_ADDRESS; detected automatically on Cloud TPU VMs).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run (default: "
+                     "$MEDSSR_NUM_PROCESSES, else 1 or the TPU slice's hosts).")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run "
+                     "(default: $MEDSSR_PROCESS_ID).")
 
 
 
@@ -209,6 +215,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.is_parsed() or FLAGS["verbosity"].using_default_value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+    from launch import distributed
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.stage != "demo":
         from launch.rundir import ManifestMismatch
         try:
