@@ -26,7 +26,7 @@ from typing import Any
 
 from synth.synthesize import LETTERS, SynthItem
 
-__all__ = ["GENERATOR", "generate_offline", "jaccard", "phenotype_ids", "write_offline"]
+__all__ = ["GENERATOR", "generate_for_plan", "generate_offline", "jaccard", "phenotype_ids", "write_offline"]
 
 GENERATOR = "offline-hpo"
 DEFAULT_FREQUENCY = 0.5
@@ -65,11 +65,7 @@ def _stem(rng: random.Random, names: Sequence[str], onset: Sequence[str]) -> str
     return f"{who} is evaluated for {findings}. Which diagnosis best explains these findings?"
 
 
-def generate_offline(diseases: Sequence | None = None, n_items: int = 100, *, seed: int = 0,
-                     n_options: int = 5, min_phenotypes: int = 3, max_phenotypes: int = 6
-                     ) -> list[SynthItem]:
-    """``n_items`` MCQs (see the module docstring). ``diseases`` default to
-    :func:`synth.knowledge.load_diseases`; ``n_options`` is 4 or 5."""
+def _prepare(diseases, n_options: int, min_phenotypes: int, max_phenotypes: int):
     if n_options not in (4, 5):
         raise ValueError("n_options must be 4 or 5")
     if not 3 <= min_phenotypes <= max_phenotypes:
@@ -94,34 +90,87 @@ def generate_offline(diseases: Sequence | None = None, n_items: int = 100, *, se
     eligible = [i for i, d in enumerate(diseases) if len(ids[i]) >= min_phenotypes]
     if not eligible:
         raise ValueError(f"no disease has {min_phenotypes} or more phenotypes")
+    return diseases, ids, eligible
+
+
+def _item(diseases, ids, t: int, rng: random.Random, key: str, prov: dict[str, Any], *,
+          n_options: int, min_phenotypes: int, max_phenotypes: int) -> SynthItem:
+    """The MCQ whose answer is ``diseases[t]`` (see the module docstring)."""
+    target = diseases[t]
+    phen = sorted({p.hpo_id: p for p in target.phenotypes}.values(), key=lambda p: p.hpo_id)
+    k = rng.randint(min_phenotypes, min(max_phenotypes, len(phen)))
+    shown = _weighted_sample(rng, phen, [DEFAULT_FREQUENCY if p.frequency is None else p.frequency
+                                         for p in phen], k)
+    overlap = sorted(((jaccard(ids[t], ids[j]), diseases[j].id, j)
+                      for j in range(len(diseases)) if j != t), key=lambda x: (-x[0], x[1]))
+    distractors = [j for _, _, j in overlap[:n_options - 1]]
+    choice_idx = [t] + distractors
+    rng.shuffle(choice_idx)
+    options = {LETTERS[n]: diseases[j].name for n, j in enumerate(choice_idx)}
+    answer = LETTERS[choice_idx.index(t)]
+    question = _stem(rng, [p.name for p in shown], tuple(getattr(target, "onset", ()) or ()))
+    prov = dict(prov, generator=GENERATOR, disease_id=target.id,
+                phenotype_ids=[p.hpo_id for p in shown],
+                distractor_ids=[diseases[j].id for j in distractors],
+                distractor_jaccard=[round(jaccard(ids[t], ids[j]), 4) for j in distractors],
+                pmids=list(getattr(target, "pmids", ()) or ()))
+    return SynthItem(key=key, question=question, options=options, intended_answer=answer, provenance=prov)
+
+
+def generate_offline(diseases: Sequence | None = None, n_items: int = 100, *, seed: int = 0,
+                     n_options: int = 5, min_phenotypes: int = 3, max_phenotypes: int = 6
+                     ) -> list[SynthItem]:
+    """``n_items`` MCQs (see the module docstring). ``diseases`` default to
+    :func:`synth.knowledge.load_diseases`; ``n_options`` is 4 or 5."""
+    diseases, ids, eligible = _prepare(diseases, n_options, min_phenotypes, max_phenotypes)
     items = []
     for i in range(n_items):
         rng = random.Random(f"{seed}:{i}")
         t = eligible[rng.randrange(len(eligible))]
-        target = diseases[t]
-        phen = sorted({p.hpo_id: p for p in target.phenotypes}.values(), key=lambda p: p.hpo_id)
-        k = rng.randint(min_phenotypes, min(max_phenotypes, len(phen)))
-        shown = _weighted_sample(rng, phen, [DEFAULT_FREQUENCY if p.frequency is None else p.frequency
-                                             for p in phen], k)
-        overlap = sorted(((jaccard(ids[t], ids[j]), diseases[j].id, j)
-                          for j in range(len(diseases)) if j != t), key=lambda x: (-x[0], x[1]))
-        distractors = [j for _, _, j in overlap[:n_options - 1]]
-        choice_idx = [t] + distractors
-        rng.shuffle(choice_idx)
-        options = {LETTERS[n]: diseases[j].name for n, j in enumerate(choice_idx)}
-        answer = LETTERS[choice_idx.index(t)]
-        question = _stem(rng, [p.name for p in shown], tuple(getattr(target, "onset", ()) or ()))
-        prov: dict[str, Any] = {
-            "generator": GENERATOR, "seed": seed, "index": i, "disease_id": target.id,
-            "phenotype_ids": [p.hpo_id for p in shown],
-            "distractor_ids": [diseases[j].id for j in distractors],
-            "distractor_jaccard": [round(jaccard(ids[t], ids[j]), 4) for j in distractors],
-            "pmids": list(getattr(target, "pmids", ()) or ()),
-        }
         key = hashlib.sha256(json.dumps({"generator": GENERATOR, "seed": seed, "index": i,
-                                         "disease": target.id}, sort_keys=True).encode()).hexdigest()[:32]
-        items.append(SynthItem(key=key, question=question, options=options, intended_answer=answer,
-                               provenance=prov))
+                                         "disease": diseases[t].id}, sort_keys=True).encode()).hexdigest()[:32]
+        items.append(_item(diseases, ids, t, rng, key, {"seed": seed, "index": i}, n_options=n_options,
+                           min_phenotypes=min_phenotypes, max_phenotypes=max_phenotypes))
+    return items
+
+
+def generate_for_plan(specs: Sequence, diseases: Sequence, retriever=None, *, k_docs: int = 3,
+                      n_options: int = 5, min_phenotypes: int = 3, max_phenotypes: int = 6
+                      ) -> list[SynthItem]:
+    """One MCQ per planned prompt (:func:`synth.synthesize.plan_prompts`), the
+    offline stand-in for the LLM generator.
+
+    A prompt with a rare-disease entity (the share ``alpha`` of the plan)
+    retrieves the ``k_docs`` profiles nearest to the entity name, as API
+    synthesis does for its knowledge block, and asks about the best-ranked
+    retrieved disease; a prompt without one asks about a disease drawn by a
+    ``random.Random`` seeded from the prompt's key. Items carry the prompt's key
+    and the provenance fields of API synthesis (seed ids, entity, retrieved doc
+    ids and scores, rho, index), so the outputs of both generators read alike.
+    """
+    diseases, ids, eligible = _prepare(diseases, n_options, min_phenotypes, max_phenotypes)
+    by_id = {d.id: i for i, d in enumerate(diseases)}
+    eligible_set = set(eligible)
+    rare = [s for s in specs if s.entity is not None]
+    if rare and retriever is None:
+        raise ValueError("prompts with a rare-disease entity need a retriever")
+    hits = dict(zip((s.key for s in rare),
+                    retriever.retrieve_batch([s.entity for s in rare], k_docs) if rare else []))
+    items = []
+    for spec in specs:
+        rng = random.Random(spec.key)
+        prov: dict[str, Any] = {"seed_ids": list(spec.seed_ids), "entity": spec.entity, "rho": spec.rho,
+                                "index": spec.index, "retrieved_doc_ids": [], "retrieved_scores": []}
+        t = None
+        if spec.entity is not None:
+            docs = hits[spec.key]
+            prov.update(retrieved_doc_ids=[d.get("id") for d, _ in docs],
+                        retrieved_scores=[round(float(sc), 4) for _, sc in docs])
+            t = next((by_id[d["id"]] for d, _ in docs if by_id.get(d.get("id")) in eligible_set), None)
+        if t is None:
+            t = eligible[rng.randrange(len(eligible))]
+        items.append(_item(diseases, ids, t, rng, spec.key, prov, n_options=n_options,
+                           min_phenotypes=min_phenotypes, max_phenotypes=max_phenotypes))
     return items
 
 
