@@ -94,12 +94,14 @@ class RunDir:
         m = self.manifest(stage)
         if m is None or m.get("status") != "done":
             raise ManifestMismatch(f"stage {stage!r} has not finished in {self.root}: run it first")
-        return hashlib.sha256(json.dumps(m["outputs"], sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(m["outputs"], sort_keys=True).encode()).hexdigest()  # paths + digests
 
-    def begin(self, stage: str, inputs: Mapping[str, str], config: Mapping[str, Any]) -> str:
+    def begin(self, stage: str, inputs: Mapping[str, str], config: Mapping[str, Any], *,
+              write: bool = True) -> str:
         """'skip' when done with these inputs, 'resume' when interrupted, 'start' otherwise.
 
         Raises ManifestMismatch when the stage ran with other inputs or config.
+        ``write=False`` (processes other than 0) checks without writing.
         """
         key = {"inputs": dict(inputs), "config": json.loads(json.dumps(dict(config), default=str))}
         old = self.manifest(stage)
@@ -118,14 +120,19 @@ class RunDir:
             status = "resume"
         else:
             status = "start"
+        if not write:
+            return status
         write_json_atomic(self.root / stage / "manifest.json",
                           dict(key, stage=stage, status="running", code_version=code_version(),
                                started=time.time(), outputs={}))
         return status
 
-    def finish(self, stage: str, outputs: Mapping[str, Any], summary: Mapping[str, Any] | None = None
+    def finish(self, stage: str, outputs: Mapping[str, str], summary: Mapping[str, Any] | None = None
                ) -> None:
+        """Mark the stage done, recording each output (a path in the stage directory) with its
+        SHA-256, so the manifest hash that later stages record changes whenever an output does."""
         m = self.manifest(stage) or {}
-        m.update(status="done", finished=time.time(), outputs=dict(outputs), summary=dict(summary or {}))
+        outs = {name: {"path": rel, "sha256": file_digest(self.root / stage / rel)} for name, rel in outputs.items()}
+        m.update(status="done", finished=time.time(), outputs=outs, summary=dict(summary or {}))
         m["seconds"] = m["finished"] - m.get("started", m["finished"])
         write_json_atomic(self.root / stage / "manifest.json", m)

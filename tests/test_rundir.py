@@ -15,12 +15,32 @@ def test_stage_lifecycle(tmp_path):
     assert run.begin("label", inputs, config) == "start"
     assert run.manifest("label")["status"] == "running"
     assert run.begin("label", inputs, config) == "resume"  # interrupted: same inputs resume
+    (tmp_path / "label" / "pseudo_labelled.jsonl").write_text('{"id": "a"}\n')
     run.finish("label", {"file": "pseudo_labelled.jsonl"}, {"kept": 5})
     m = run.manifest("label")
     assert m["status"] == "done" and m["summary"] == {"kept": 5} and m["seconds"] >= 0
+    assert m["outputs"]["file"] == {"path": "pseudo_labelled.jsonl",
+                                    "sha256": file_digest(tmp_path / "label" / "pseudo_labelled.jsonl")}
     assert m["code_version"]
     assert run.begin("label", inputs, config) == "skip"
-    assert len(run.manifest_hash("label")) == 64
+    h = run.manifest_hash("label")
+    assert len(h) == 64
+    # a stage redone with other outputs gives downstream stages another upstream hash
+    (tmp_path / "label" / "pseudo_labelled.jsonl").write_text('{"id": "b"}\n')
+    run.finish("label", {"file": "pseudo_labelled.jsonl"}, {"kept": 5})
+    assert run.manifest_hash("label") != h
+    with pytest.raises(FileNotFoundError, match="no such input"):
+        run.finish("label", {"file": "missing.jsonl"})
+
+
+def test_begin_without_writing(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.begin("eval", {}, {"a": 1}, write=False) == "start"
+    assert run.manifest("eval") is None  # processes other than 0 only check
+    run.begin("eval", {}, {"a": 1})
+    assert run.begin("eval", {}, {"a": 1}, write=False) == "resume"
+    with pytest.raises(ManifestMismatch, match="different a"):
+        run.begin("eval", {}, {"a": 2}, write=False)
 
 
 def test_changed_config_or_inputs_are_refused(tmp_path):
