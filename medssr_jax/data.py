@@ -196,7 +196,7 @@ class _Ctx:
 
     def warn(self, where: str, kind: str, detail: str) -> None:
         msg = f"{where}: {kind}: {detail}"
-        log.warning("%s", msg)
+        log.info("%s", msg)  # repaired, kept: counted in stats.repaired, one line per record at INFO
         self.stats.repaired[kind] += 1
         self.stats.warnings.append(msg)
 
