@@ -15,12 +15,34 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from launch.presets import PipelineConfig
 from launch.rundir import RunDir, file_digest, write_json_atomic
 
 STAGES = ("synthesize", "label", "rl_self", "rl_sup", "eval", "export")
+HOST_STAGES = ("synthesize", "export")  # no JAX collectives: process 0 alone runs them
+TRAINED = ("export", "rl_sup", "rl_self")  # where a run directory keeps its policy, newest first
+
+
+class StageError(RuntimeError):
+    """A stage stopped before finishing; rerunning the same command resumes it."""
+
+
+def resolve_model(path: str) -> str:
+    """An HF directory or .gguf file as given; a run directory: its latest trained policy."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such model (--model takes an HF directory, a .gguf file or a "
+                                f"run directory)")
+    if p.is_dir() and not (p / "config.json").exists():
+        for stage in TRAINED:
+            if (p / stage / "model" / "config.json").exists():
+                return str(p / stage / "model")
+        raise FileNotFoundError(f"{p}: neither an HF checkpoint (config.json) nor a run directory with a "
+                                f"trained policy ({', '.join(s + '/model' for s in TRAINED)})")
+    return str(p)
 
 
 @dataclasses.dataclass
@@ -61,7 +83,23 @@ def read_real_data(path: str | os.PathLike):
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress on stderr, from process 0 only."""
+    import jax
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (no-op with one)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def is_main() -> bool:
+    import jax
+    return jax.process_index() == 0
 
 
 class Pipeline:
@@ -71,9 +109,21 @@ class Pipeline:
         self._tokenizer = None
 
     # --- models ---------------------------------------------------------------
+    def check_inputs(self) -> None:
+        """Fail fast, naming the flag, when a given input path does not exist."""
+        from medssr_jax.data import eval_dir
+        self.model_source()
+        for flag, value in (("--seeds", self.inputs.seeds), ("--real_data", self.inputs.real_data)):
+            if value and not Path(value).exists():
+                raise FileNotFoundError(f"{value}: no such file or directory ({flag})")
+        bench = eval_dir(self.inputs.benchmarks)
+        if not bench.exists():
+            raise FileNotFoundError(f"{bench}: no benchmark files; pass --benchmarks=<directory of MedSSR "
+                                    f"JSON files> or set MEDSSR_EVAL_DIR")
+
     def model_source(self) -> str:
         if self.inputs.model:
-            return self.inputs.model
+            return resolve_model(self.inputs.model)
         if self.cfg.model_preset:
             return f"random:{self.cfg.model_preset}"
         from medssr_jax import assets
@@ -111,17 +161,108 @@ class Pipeline:
         return (lambda s: tok.encode(s, add_special_tokens=False),
                 lambda ids: tok.decode(list(ids), skip_special_tokens=True))
 
+    # --- data -----------------------------------------------------------------
+    def holdout(self) -> tuple[list, list, set[str]]:
+        """(seed questions, human-labelled questions, their ids) held out of the
+        preset's benchmark when --seeds / --real_data are not given: a seeded
+        permutation of ``<benchmarks>/<holdout_benchmark>.json`` gives the first
+        ``holdout_seeds`` records as seeds and the next ``holdout_real`` as
+        stage-2 data; evaluation leaves all of them out."""
+        cfg = self.cfg
+        if not cfg.holdout_benchmark:
+            return [], [], set()
+        import numpy as np
+
+        from medssr_jax.data import eval_dir, read_medssr_eval
+        path = eval_dir(self.inputs.benchmarks) / f"{cfg.holdout_benchmark}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the {cfg.name} preset holds its seed and stage-2 questions out "
+                                    f"of this file; pass --benchmarks, or --seeds and --real_data")
+        records = read_medssr_eval(path).load()
+        order = np.random.default_rng(cfg.seed).permutation(len(records))
+        seeds = [records[i] for i in order[:cfg.holdout_seeds]]
+        real = [records[i] for i in order[cfg.holdout_seeds:cfg.holdout_seeds + cfg.holdout_real]]
+        return seeds, real, {r.id for r in seeds + real}
+
+    def uses_holdout(self) -> bool:
+        return bool(self.cfg.holdout_benchmark) and not (self.inputs.seeds and self.inputs.real_data)
+
+    def seed_questions(self) -> list:
+        from synth.synthesize import SeedQuestion
+        if self.inputs.seeds:
+            data = read_real_data(self.inputs.seeds)
+            rows = data.load()
+            if data.stats.n_skipped:
+                log(f"synthesize: skipped malformed seed records in {self.inputs.seeds}: "
+                    f"{dict(data.stats.skipped)}")
+        elif self.cfg.holdout_benchmark:
+            rows = self.holdout()[0]
+        else:
+            raise ValueError("stage synthesize needs --seeds (seed questions to pair)")
+        return [SeedQuestion(id=r.id, question=r.question, options=dict(r.options), answer=r.answer)
+                for r in rows]
+
+    def knowledge(self):
+        """The HPO rare diseases, their profile documents and a MiniLM + ScaNN retriever over them.
+
+        Profiles are embedded once into the asset cache (resumable shards) and
+        reused by later runs."""
+        from tokenizers import Tokenizer
+
+        from medssr_jax import assets
+        from models import bert
+        from synth import knowledge as kn
+        from synth import retrieval as rt
+        terms = kn.load_obo()
+        diseases = kn.load_diseases(obo_terms=terms)
+        if self.cfg.corpus_max_docs is not None:
+            diseases = sorted(diseases, key=lambda d: d.id)[:self.cfg.corpus_max_docs]
+        docs = list(kn.build_corpus(diseases, terms))
+        d = assets.minilm_dir()
+        encoder, _ = bert.from_pretrained(d)
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        tok.no_padding()
+        tok.no_truncation()
+        emb, ids = rt.embed_corpus(encoder, tok, docs, batch_size=64, max_len=32, pooling="mean",
+                                   normalize=True, out_dir=assets.cache_dir() / "embeddings" / "hpo-minilm-32")
+        index = rt.Index.build(emb, ids, method=self.cfg.index_method)
+        log(f"synthesize: {len(docs)} HPO profiles indexed ({index.backend}, {index.method})")
+        return diseases, docs, rt.Retriever(encoder, tok, index, docs, query_pooling="mean",
+                                            normalize=True, max_len=32)
+
     # --- stages ---------------------------------------------------------------
     def synthesize(self) -> dict:
+        from synth.synthesize import plan_prompts, rare_ratio
         cfg, out = self.cfg, self.run.stage_dir("synthesize")
+        seeds = self.seed_questions()
+        diseases, _, retriever = self.knowledge()
+        entities = sorted({d.name for d in diseases})
         if cfg.openai_base_url:
-            raise NotImplementedError("API synthesis from the pipeline is not wired yet; use "
-                                      "synth.synthesize.synthesize directly or leave --openai_base_url unset")
-        from synth.offline import generate_offline, write_offline
-        items = generate_offline(n_items=cfg.num_questions, seed=cfg.seed)
-        write_offline(items, out / "synthetic.jsonl")
+            from synth.synthesize import synthesize
+            report = synthesize(seeds, out, n_prompts=cfg.num_questions, alpha=cfg.alpha, entities=entities,
+                                retriever=retriever, k_docs=cfg.retrieval_k, seed=cfg.seed,
+                                model=cfg.synth_model, base_url=cfg.openai_base_url)
+            if report.failed or report.not_started:
+                raise StageError(f"{report.failed} prompts failed and {report.not_started} were not sent "
+                                   f"(see the log above); rerun the same command to retry them")
+            summary = {"items": self._count_lines(out / "synthetic.jsonl"),
+                       "rejected": self._count_lines(out / "rejected.jsonl"),
+                       "rejected_by_reason_this_call": report.rejected_by_reason,
+                       "rare_ratio": report.rare_ratio, "generator": cfg.synth_model,
+                       "cost_usd": report.cost_usd}
+            return dict(outputs={"synthetic": "synthetic.jsonl"}, summary=summary)
+        from synth.offline import generate_for_plan, write_offline
+        specs = plan_prompts(seeds, cfg.num_questions, alpha=cfg.alpha, entities=entities, seed=cfg.seed)
+        items = generate_for_plan(specs, diseases, retriever, k_docs=cfg.retrieval_k)
+        write_offline(items, out / "synthetic.jsonl.tmp")
+        os.replace(out / "synthetic.jsonl.tmp", out / "synthetic.jsonl")
         return dict(outputs={"synthetic": "synthetic.jsonl"},
-                    summary={"items": len(items), "generator": "offline-hpo"})
+                    summary={"items": len(items), "seeds": len(seeds), "rare_ratio": rare_ratio(specs),
+                             "generator": "offline-hpo"})
+
+    @staticmethod
+    def _count_lines(path) -> int:
+        return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
 
     def label(self) -> dict:
         from synth.pseudo_label import pseudo_label
@@ -132,7 +273,7 @@ class Pipeline:
         model, mcfg = self.load_policy()
         _, summary = pseudo_label(model, self.codec(), items, n=cfg.num_votes, threshold=cfg.label_threshold,
                                   template=mcfg.chat_template, max_new_tokens=cfg.label_max_new_tokens,
-                                  temperature=1.0, seed=cfg.seed, out_dir=out)
+                                  temperature=1.0, seed=cfg.seed, out_dir=out if is_main() else None)
         return dict(outputs={"pseudo_labelled": "pseudo_labelled.jsonl"}, summary=summary)
 
     def _rl(self, stage: str, rl_cfg, records: list[tuple[str, str, dict, str]], start_from: str | None) -> dict:
@@ -158,7 +299,8 @@ class Pipeline:
                                     ref_model=ref, eos_ids=list(mcfg.eos_token_ids),
                                     pad_id=tok.pad_token_id or 0)
         models.save_pretrained(trained, mcfg, out / "model")
-        write_json_atomic(out / "history.json", history)
+        if is_main():
+            write_json_atomic(out / "history.json", history)
         return dict(outputs={"model": "model", "history": "history.json"},
                     summary={"steps": len(history),
                              "reward_first": history[0]["reward_mean"] if history else None,
@@ -167,16 +309,19 @@ class Pipeline:
     def rl_self(self) -> dict:
         path = self.run.root / "label" / "pseudo_labelled.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-        records = [(r["id"], r["question"], r["options"], r["label"]) for r in rows if r.get("kept")]
+        records = [(r["id"], r["question"], r["options"], r["label"]) for r in rows]  # kept labels only
         return self._rl("rl_self", self.cfg.rl_self, records, start_from=None)
 
     def rl_sup(self) -> dict:
-        if not self.inputs.real_data:
+        if self.inputs.real_data:
+            data = read_real_data(self.inputs.real_data)
+            rows = data.load()
+            if data.stats.n_skipped:
+                log(f"rl_sup: skipped malformed records in {self.inputs.real_data}: {dict(data.stats.skipped)}")
+        elif self.cfg.holdout_benchmark:
+            rows = self.holdout()[1]
+        else:
             raise ValueError("stage rl_sup needs --real_data (human-labelled questions)")
-        data = read_real_data(self.inputs.real_data)
-        rows = data.load()
-        if data.stats.n_skipped:
-            log(f"rl_sup: skipped malformed records in {self.inputs.real_data}: {dict(data.stats.skipped)}")
         records = [(r.id, r.question, r.options, r.answer) for r in rows if r.answer is not None]
         return self._rl("rl_sup", self.cfg.rl_sup, records, start_from="rl_self")
 
@@ -195,9 +340,11 @@ class Pipeline:
         src = eval_dir(self.inputs.benchmarks)
         if not src.exists():
             raise FileNotFoundError(f"{src}: no benchmark files (--benchmarks or MEDSSR_EVAL_DIR)")
+        held_out = self.holdout()[2] if self.uses_holdout() else set()
         by_bench: dict[str, list] = {}
         for r in read_medssr_eval(src).load():
-            by_bench.setdefault(r.source, []).append(r)
+            if not (r.source == self.cfg.holdout_benchmark and r.id in held_out):
+                by_bench.setdefault(r.source, []).append(r)
         k = self.cfg.eval_items_per_benchmark
         if k is not None:  # a seeded sample of each benchmark
             rng = np.random.default_rng(self.cfg.seed)
@@ -212,7 +359,8 @@ class Pipeline:
                            num_generations=cfg.eval_generations, temperature=cfg.eval_temperature,
                            top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
                            max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
-        write_results(results, out)
+        if is_main():
+            write_results(results, out)
         summary = {b: round(r["accuracy_mean"], 4) for b, r in results["benchmarks"].items()}
         return dict(outputs={"results": "results.json", "table": "results.md", "plot": "accuracy.png"},
                     summary=dict(summary, policy=self._trained_stage() or "base"))
@@ -237,20 +385,43 @@ class Pipeline:
             upstream = [self._trained_stage()]
         for up in upstream:
             inputs[f"stage:{up}"] = self.run.manifest_hash(up)
-        if stage == "rl_sup" and self.inputs.real_data:
-            inputs["real_data"] = file_digest(self.inputs.real_data)
+        if stage == "synthesize":
+            inputs["seeds"] = file_digest(self.inputs.seeds) if self.inputs.seeds else self._holdout_input()
+        if stage == "rl_sup":
+            inputs["real_data"] = (file_digest(self.inputs.real_data) if self.inputs.real_data
+                                   else self._holdout_input())
+        if stage == "eval" and self.uses_holdout():
+            inputs["held_out"] = self._holdout_input()
         return inputs
 
+    def _holdout_input(self) -> str | None:
+        if not self.cfg.holdout_benchmark:
+            return None
+        from medssr_jax.data import eval_dir
+        path = eval_dir(self.inputs.benchmarks) / f"{self.cfg.holdout_benchmark}.json"
+        return f"holdout of {path.name} " + (file_digest(path) if path.is_file() else "(missing)")
+
     def run_stage(self, stage: str) -> dict | None:
+        """Run one stage unless it finished earlier with the same inputs and configuration.
+
+        With several processes, every process takes part in the stages that
+        use the sharded policy; process 0 alone writes manifests and files, and
+        runs the host-side synthesis stage, and all processes meet at a barrier
+        before and after each stage."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}, all")
         config = dataclasses.asdict(self.cfg)
-        status = self.run.begin(stage, self.stage_inputs(stage), config)
+        inputs = self.stage_inputs(stage)
+        main = is_main()
+        status = self.run.begin(stage, inputs, config, write=main)
+        barrier(f"begin:{stage}")
         if status == "skip":
             log(f"{stage}: finished earlier, skipped")
             return None
         log(f"{stage}: {'resuming' if status == 'resume' else 'starting'}")
-        result = getattr(self, stage)()
-        self.run.finish(stage, result["outputs"], result.get("summary"))
-        log(f"{stage}: done {result.get('summary', {})}")
+        result = getattr(self, stage)() if (main or stage not in HOST_STAGES) else None
+        if main:
+            self.run.finish(stage, result["outputs"], result.get("summary"))
+            log(f"{stage}: done {result.get('summary', {})}")
+        barrier(f"finish:{stage}")
         return result

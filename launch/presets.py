@@ -29,6 +29,13 @@ class PipelineConfig:
     synth_model: str = "gpt-4.1"
     openai_base_url: str | None = None      # None: the offline HPO generator
     retrieval_k: int = 3
+    corpus_max_docs: int | None = None      # None: every HPO disease profile
+    index_method: str = "auto"              # ScaNN: brute force below 20k documents, tree-AH above
+    # seed questions and stage-2 questions held out of a benchmark file when --seeds /
+    # --real_data are not given (evaluation then leaves them out); None: both flags needed
+    holdout_benchmark: str | None = None
+    holdout_seeds: int = 16
+    holdout_real: int = 32
     # pseudo-labelling
     num_votes: int = 8
     label_threshold: float = 0.75
@@ -47,6 +54,30 @@ class PipelineConfig:
 
     def replace(self, **kw) -> "PipelineConfig":
         return dataclasses.replace(self, **kw)
+
+    def validate(self) -> "PipelineConfig":
+        """Raise ValueError naming the first setting out of range."""
+        checks = [
+            (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
+            (self.num_questions >= 1, f"num_questions must be >= 1, got {self.num_questions}"),
+            (self.num_votes >= 1, f"num_votes must be >= 1, got {self.num_votes}"),
+            (0.0 <= self.label_threshold <= 1.0, f"label_threshold must be in [0, 1], got {self.label_threshold}"),
+            (self.label_max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.label_max_new_tokens}"),
+            (self.retrieval_k >= 1, f"retrieval_k must be >= 1, got {self.retrieval_k}"),
+            (self.eval_generations >= 1, f"eval_generations must be >= 1, got {self.eval_generations}"),
+        ]
+        for name in ("rl_self", "rl_sup"):
+            rl = getattr(self, name)
+            checks += [
+                (rl.steps >= 1, f"steps must be >= 1, got {rl.steps}"),
+                (rl.num_generations >= 1, f"num_generations must be >= 1, got {rl.num_generations}"),
+                (rl.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {rl.max_new_tokens}"),
+                (rl.temperature > 0, f"temperature must be > 0, got {rl.temperature}"),
+            ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
 
 
 def _paper_rl(steps: int) -> RLConfig:
@@ -70,11 +101,13 @@ def _small_rl(steps: int, prompts: int, gens: int, new_tokens: int, prompt_len: 
 PRESETS: dict[str, PipelineConfig] = {
     "tiny": PipelineConfig(
         name="tiny", model=None, model_preset="tiny", num_questions=8, num_votes=4,
+        corpus_max_docs=300, holdout_benchmark="medqa", holdout_seeds=8, holdout_real=8,
         label_threshold=0.5, label_max_new_tokens=16,
         rl_self=_small_rl(2, 2, 4, 16, 256), rl_sup=_small_rl(2, 2, 4, 16, 256),
         eval_generations=2, eval_max_new_tokens=16, eval_items_per_benchmark=4),
     "smollm2": PipelineConfig(
         name="smollm2", model=None, model_preset=None, num_questions=16, num_votes=4,
+        holdout_benchmark="medqa", holdout_seeds=16, holdout_real=32,
         label_threshold=0.5, label_max_new_tokens=96,
         rl_self=_small_rl(2, 2, 4, 96, 512), rl_sup=_small_rl(2, 2, 4, 96, 512),
         eval_generations=2, eval_max_new_tokens=96, eval_items_per_benchmark=8),

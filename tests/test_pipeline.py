@@ -51,7 +51,9 @@ def test_stage_order_and_names(tmp_path):
     with pytest.raises(ValueError, match=r"unknown stage 'train'"):
         pipe.run_stage("train")
     with pytest.raises(ValueError, match=r"rl_sup needs --real_data"):
-        Pipeline(pipeline_preset("tiny"), tmp_path / "b", Inputs()).rl_sup()
+        Pipeline(pipeline_preset("tiny", holdout_benchmark=None), tmp_path / "b", Inputs()).rl_sup()
+    with pytest.raises(ValueError, match=r"synthesize needs --seeds"):
+        Pipeline(pipeline_preset("tiny", holdout_benchmark=None), tmp_path / "c", Inputs()).seed_questions()
 
 
 def test_real_data_formats_are_detected(tmp_path):

@@ -1,0 +1,127 @@
+"""`report.md` of a run directory: stage summaries, reward curves, accuracy table.
+
+Built from what the stages recorded (manifests, `label/label_summary.json`,
+`rl_*/history.json`, `eval/results.{json,md}`), so it can be rewritten at any
+point of a run and shows the stages finished so far. Plots are PNG files
+beside the report (`reward_curves.png`; the evaluation's `eval/accuracy.png`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from launch.rundir import RunDir
+
+STAGE_ORDER = ("synthesize", "label", "rl_self", "rl_sup", "eval", "export")
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def plot_reward_curves(histories: dict[str, list[dict]], path: Path) -> Path | None:
+    """Reward mean (and accuracy) per step, one line per GRPO stage, steps continued across stages."""
+    histories = {k: h for k, h in histories.items() if h}
+    if not histories:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    offset = 0
+    for stage, hist in histories.items():
+        steps = [offset + h["step"] for h in hist]
+        ax.plot(steps, [h["reward_mean"] for h in hist], marker="o", label=f"{stage} reward")
+        offset = steps[-1]
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Reward per step (self-supervised, then supervised RL)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> Path:
+    run = RunDir(workdir)
+    root = run.root
+    lines = [f"# {title}", "", f"Run directory: `{root}`", "",
+             "| stage | status | seconds | summary |", "|---|---|---:|---|"]
+    manifests = {s: run.manifest(s) for s in STAGE_ORDER}
+    for stage, m in manifests.items():
+        if m is None:
+            lines.append(f"| {stage} | not run | | |")
+            continue
+        secs = f"{m['seconds']:.0f}" if "seconds" in m else ""
+        lines.append(f"| {stage} | {m.get('status')} | {secs} | {_fmt(m.get('summary') or {})} |")
+    first = next((m for m in manifests.values() if m), None)
+    if first:
+        lines += ["", f"Model input: `{first['inputs'].get('model')}`; code version "
+                  f"`{first.get('code_version')}`; preset `{first['config'].get('name')}`."]
+
+    synth = root / "synthesize" / "synthetic.jsonl"
+    if synth.is_file():
+        items = [json.loads(x) for x in synth.read_text().splitlines() if x.strip()]
+        rare = sum(1 for it in items if it.get("provenance", {}).get("entity"))
+        lines += ["", "## Synthetic questions", "",
+                  f"{len(items)} items; {rare} with injected rare-disease knowledge "
+                  f"(retrieved profiles in each item's provenance)."]
+        for it in items[:2]:
+            opts = "; ".join(f"{k}. {v}" for k, v in it["options"].items())
+            lines += ["", f"> {it['question']}", f"> {opts}",
+                      f"> (generator's answer: {it.get('intended_answer')})"]
+
+    summary = _read_json(root / "label" / "label_summary.json")
+    if summary:
+        agree = summary.get("agreement_with_intended")
+        lines += ["", "## Pseudo-labels", "",
+                  f"- {summary['items']} items x {summary['n']} votes; kept {summary['kept']} "
+                  f"(confidence >= {summary['threshold']}), dropped {summary['dropped']} "
+                  f"({summary['dropped_no_label']} without a readable majority)",
+                  f"- mean confidence {summary['mean_confidence']:.3f}; unreadable votes "
+                  f"{100 * summary['unparseable_share']:.1f}%",
+                  f"- kept labels by letter: {summary['label_distribution']}"
+                  + (f"; agreement with the generator's answer {100 * agree:.1f}%" if agree is not None else "")]
+
+    histories = {s: _read_json(root / s / "history.json") or [] for s in ("rl_self", "rl_sup")}
+    if any(histories.values()):
+        lines += ["", "## GRPO", "", "| stage | step | reward | accuracy | kl | clip frac | response len | "
+                  "seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for stage, hist in histories.items():
+            for h in hist:
+                lines.append(f"| {stage} | {h['step']} | {h['reward_mean']:.3f} | {h.get('accuracy', 0):.3f} | "
+                             f"{h.get('kl', 0):.4f} | {h['pg_clipfrac']:.3f} | {h['response_length']:.0f} | "
+                             f"{h['time_step']:.1f} |")
+        if plot_reward_curves(histories, root / "reward_curves.png"):
+            lines += ["", "![reward per step](reward_curves.png)"]
+
+    table = root / "eval" / "results.md"
+    if table.is_file():
+        results = _read_json(root / "eval" / "results.json") or {}
+        cfg = results.get("config", {})
+        policy = (manifests.get("eval") or {}).get("summary", {}).get("policy", "?")
+        lines += ["", "## Evaluation", "",
+                  f"Policy: {policy}; {cfg.get('num_generations', '?')} generations per item at temperature "
+                  f"{cfg.get('temperature', '?')}.", "", table.read_text().rstrip()]
+        if (root / "eval" / "accuracy.png").is_file():
+            lines += ["", "![accuracy per benchmark](eval/accuracy.png)"]
+    path = root / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
