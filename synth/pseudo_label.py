@@ -8,7 +8,10 @@ item's option letters) and :func:`medssr_jax.answers.majority_vote` gives the
 label, its confidence (votes for the label / n, unparseable answers
 included in n), the votes per option and the number of unparseable answers.
 Ties go to the letter that appears first in sample order (the
-``majority_vote`` rule). An item whose answers are all unparseable has label
+``majority_vote`` rule). With ``recover=True`` an unreadable answer is read
+as the evaluation protocol reads one (:mod:`medssr_jax.evaluation`): one
+greedy token after ``prompt + completion + "The answer is "``, restricted to
+the item's option letters; such votes are counted in ``n_recovered``. An item whose answers are all unparseable has label
 ``None`` and confidence 0 and is always dropped. An item is kept when
 ``confidence >= threshold``.
 
@@ -58,6 +61,7 @@ class LabelledItem:
     n_unparseable: int
     unparseable_share: float
     kept: bool
+    n_recovered: int = 0
     answers: list[str | None] = field(default_factory=list)
     intended_answer: str | None = None
 
@@ -114,6 +118,7 @@ def summarize(records: Sequence[LabelledItem], threshold: float, n: int) -> dict
         "label_distribution": dict(sorted(Counter(r.label for r in kept).items())),
         "mean_confidence": (sum(r.confidence for r in records) / len(records)) if records else 0.0,
         "unparseable_share": (sum(r.n_unparseable for r in records) / total_answers) if total_answers else 0.0,
+        "recovered_share": (sum(r.n_recovered for r in records) / total_answers) if total_answers else 0.0,
         "agreement_with_intended": (sum(r.label == r.intended_answer for r in with_intended)
                                     / len(with_intended)) if with_intended else None,
     }
@@ -124,7 +129,8 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  eos_ids: Sequence[int] | None = None, batch_size: int = 16,
                  out_dir: str | os.PathLike | None = None,
-                 generate_fn: Callable[..., Any] | None = None) -> tuple[list[LabelledItem], dict]:
+                 generate_fn: Callable[..., Any] | None = None,
+                 recover: bool = False) -> tuple[list[LabelledItem], dict]:
     """Label ``items`` (dicts / SynthItem / SeedQuestion with question and
     options) by majority vote over ``n`` samples; see the module docstring.
 
@@ -144,6 +150,13 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
     eos = list(eos_ids if eos_ids is not None else getattr(cfg, "eos_token_ids", ()))
     encode, decode = _codec(tokenizer)
     fields = [_fields(it) for it in items]
+    letter_tokens = None
+    if recover:
+        if isinstance(tokenizer, tuple):
+            raise ValueError("recover=True needs a tokenizer object, not an (encode, decode) pair")
+        from medssr_jax.evaluation import option_letter_ids
+        letter_tokens = option_letter_ids(tokenizer, "".join(sorted({k for _, _, o, _ in fields for k in o})))
+    max_len = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
     records: list[LabelledItem] = []
     for b, start in enumerate(range(0, len(fields), batch_size)):
         chunk = fields[start:start + batch_size]
@@ -151,21 +164,38 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
         groups = generate_fn(model, prompts, n=n, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + b,
                              eos_ids=eos)
-        for (ident, q, opts, intended), group in zip(chunk, groups, strict=True):
+        answers_of, pending = [], []  # pending: (row, vote, recovery context, letters)
+        for row, ((_, _, opts, _), prompt, group) in enumerate(zip(chunk, prompts, groups, strict=True)):
             letters = "".join(opts)
             answers = []
-            for c in group:
+            for v, c in enumerate(group):
                 toks = list(c.tokens)
                 while toks and toks[-1] in eos:
                     toks.pop()
                 answers.append(extract_answer(decode(toks), letters))
-            vote = majority_vote(answers, letters)
+                if answers[-1] is None and letter_tokens is not None:
+                    from medssr_jax.evaluation import recovery_context
+                    pending.append((row, v, recovery_context(prompt, c.tokens, letter_tokens.suffix_ids,
+                                                             max_len, eos), letters))
+            answers_of.append(answers)
+        recovered = Counter()
+        if pending:
+            from medssr_jax.evaluation import restricted_argmax
+            choice, _ = restricted_argmax(model, [p[2] for p in pending],
+                                          [[letter_tokens.ids[x] for x in p[3]] for p in pending],
+                                          pad_id=int(getattr(tokenizer, "pad_token_id", None) or 0))
+            for (row, v, _, letters), j in zip(pending, choice):
+                answers_of[row][v] = letters[j]
+                recovered[row] += 1
+        for row, (ident, q, opts, intended) in enumerate(chunk):
+            answers = answers_of[row]
+            vote = majority_vote(answers, "".join(opts))
             records.append(LabelledItem(
                 id=ident, question=q, options=opts, label=vote.label, confidence=vote.confidence,
                 counts=vote.counts, n=vote.n, n_unparseable=vote.n_unparseable,
                 unparseable_share=vote.n_unparseable / vote.n if vote.n else 0.0,
                 kept=vote.label is not None and vote.confidence >= threshold,
-                answers=answers, intended_answer=intended))
+                n_recovered=recovered[row], answers=answers, intended_answer=intended))
     summary = summarize(records, threshold, n)
     if out_dir is not None:
         out = Path(out_dir)

@@ -81,6 +81,7 @@ def test_exact_labels_ties_unparseable_threshold_and_summary(tmp_path):
         "label_distribution": {"A": 1, "C": 1, "D": 1},
         "mean_confidence": pytest.approx((0.75 + 0.5 + 0 + 1 + 0.75 + 0.5) / 6),
         "unparseable_share": pytest.approx(7 / 24),
+        "recovered_share": 0.0,
         "agreement_with_intended": 0.5,
     }
     kept = [json.loads(x) for x in (tmp_path / "pseudo_labelled.jsonl").read_text().splitlines()]
@@ -138,3 +139,37 @@ def test_real_sampler_on_tiny_model(tmp_path):
     again, _ = pseudo_label(model, (enc, dec), items, n=3, threshold=0.5, template="raw",
                             max_new_tokens=8, temperature=1.0, seed=0)
     assert [r.answers for r in again] == [r.answers for r in records]
+
+
+def test_recovery_reads_unreadable_votes_like_the_evaluation(tmp_path):
+    """recover=True: each unreadable vote becomes the restricted greedy letter after
+    prompt + completion + "The answer is ", computed here independently."""
+    import numpy as np
+
+    import models
+    from medssr_jax.evaluation import option_letter_ids, restricted_argmax
+    from medssr_jax.tokenizers import byte_tokenizer
+    from synth.pseudo_label import build_prompt
+
+    tok = byte_tokenizer()
+    model = models.init_model(models.preset("tiny", max_position_embeddings=512))
+    items = [item(0), item(1, n_opts=5), item(2, n_opts=3)]
+    script = [[A, BAD, BAD, "The answer is C"], [BAD, BAD, BAD, BAD], [B, B, "nothing", B]]
+    records, summary = pseudo_label(model, tok, items, n=4, threshold=0.5, template="raw",
+                                    generate_fn=fake_sampler(script), recover=True, eos_ids=[EOS])
+    letters = option_letter_ids(tok, "ABCDE")
+    for r, it, texts in zip(records, items, script):
+        opts = "".join(it["options"])
+        prompt = tok.encode(build_prompt(it["question"], it["options"], "raw"), add_special_tokens=False)
+        for text, got in zip(texts, r.answers):
+            if "answer is" in text:
+                continue  # read directly
+            ctx = prompt + [ord(c) for c in text] + letters.suffix_ids
+            j, _ = restricted_argmax(model, [ctx], [[letters.ids[x] for x in opts]])
+            assert got == opts[j[0]]
+    assert [r.n_recovered for r in records] == [2, 4, 1]
+    assert all(r.label is not None for r in records) and records[1].confidence >= 0.25
+    assert summary["recovered_share"] == pytest.approx(7 / 12)
+    assert np.isclose(summary["unparseable_share"], 0.0)  # every vote was read
+    with pytest.raises(ValueError, match="tokenizer object"):
+        pseudo_label(model, (encode, decode), items, n=4, generate_fn=fake_sampler(script), recover=True)
