@@ -271,9 +271,10 @@ class Pipeline:
         src = self.run.root / "synthesize" / "synthetic.jsonl"
         items = [SynthItem.from_dict(json.loads(line)) for line in src.read_text().splitlines() if line]
         model, mcfg = self.load_policy()
-        _, summary = pseudo_label(model, self.codec(), items, n=cfg.num_votes, threshold=cfg.label_threshold,
+        _, summary = pseudo_label(model, self.tokenizer(), items, n=cfg.num_votes, threshold=cfg.label_threshold,
                                   template=mcfg.chat_template, max_new_tokens=cfg.label_max_new_tokens,
-                                  temperature=1.0, seed=cfg.seed, out_dir=out if is_main() else None)
+                                  temperature=1.0, seed=cfg.seed, out_dir=out if is_main() else None,
+                                  recover=cfg.label_recover)
         return dict(outputs={"pseudo_labelled": "pseudo_labelled.jsonl"}, summary=summary)
 
     def _rl(self, stage: str, rl_cfg, records: list[tuple[str, str, dict, str]], start_from: str | None) -> dict:
