@@ -107,6 +107,7 @@ class Pipeline:
         self.cfg, self.inputs = cfg, inputs
         self.run = RunDir(workdir)
         self._tokenizer = None
+        self._mesh = None
 
     # --- models ---------------------------------------------------------------
     def check_inputs(self) -> None:
@@ -126,8 +127,13 @@ class Pipeline:
             return resolve_model(self.inputs.model)
         if self.cfg.model_preset:
             return f"random:{self.cfg.model_preset}"
-        from medssr_jax import assets
-        return str(assets.smollm2_gguf())
+        if self.cfg.model == "asset:smollm2":
+            from medssr_jax import assets
+            return str(assets.smollm2_gguf())
+        if self.cfg.model:
+            return resolve_model(self.cfg.model)
+        raise ValueError(f"the {self.cfg.name} preset needs --model (an HF checkpoint directory of the "
+                         f"policy, e.g. a local copy of the paper's model)")
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -143,18 +149,31 @@ class Pipeline:
                 self._tokenizer = load_tokenizer(src)
         return self._tokenizer
 
+    def mesh(self):
+        if self._mesh is None:
+            from medssr_jax.sharding import make_mesh
+            self._mesh = make_mesh(*self.cfg.mesh)
+        return self._mesh
+
     def load_policy(self, after_stage: str | None = None):
-        """The base policy, or the one a finished GRPO stage saved."""
+        """The base policy, or the one a finished GRPO stage saved, sharded on the preset's mesh.
+
+        Parameters are stored in ``param_dtype`` (float32 master weights for
+        the optimizer) and computed in ``dtype``; the preset's chat template
+        (raw for base models) and rematerialisation apply."""
         import models
+        cfg = self.cfg
+        over = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype or cfg.dtype, remat=cfg.remat)
+        if cfg.chat_template:
+            over["chat_template"] = cfg.chat_template
         if after_stage is not None:
-            return models.from_pretrained(self.run.root / after_stage / "model", dtype=self.cfg.dtype)
+            return models.from_pretrained(self.run.root / after_stage / "model", mesh=self.mesh(), **over)
         src = self.model_source()
         if src.startswith("random:"):
-            cfg = models.preset(src.split(":", 1)[1], tie_word_embeddings=False,
-                                max_position_embeddings=4096, dtype=self.cfg.dtype,
-                                param_dtype=self.cfg.dtype)
-            return models.init_model(cfg, seed=self.cfg.seed), cfg
-        return models.from_pretrained(src, dtype=self.cfg.dtype)
+            mcfg = models.preset(src.split(":", 1)[1], tie_word_embeddings=False,
+                                 max_position_embeddings=4096, **over)
+            return models.init_model(mcfg, seed=cfg.seed, mesh=self.mesh()), mcfg
+        return models.from_pretrained(src, mesh=self.mesh(), **over)
 
     def codec(self) -> tuple[Callable[[str], list[int]], Callable[[Any], str]]:
         tok = self.tokenizer()
@@ -274,7 +293,8 @@ class Pipeline:
         _, summary = pseudo_label(model, self.tokenizer(), items, n=cfg.num_votes, threshold=cfg.label_threshold,
                                   template=mcfg.chat_template, max_new_tokens=cfg.label_max_new_tokens,
                                   temperature=1.0, seed=cfg.seed, out_dir=out if is_main() else None,
-                                  recover=cfg.label_recover)
+                                  recover=cfg.label_recover,
+                                  batch_size=cfg.label_batch_per_device * self.mesh().size)
         return dict(outputs={"pseudo_labelled": "pseudo_labelled.jsonl"}, summary=summary)
 
     def _rl(self, stage: str, rl_cfg, records: list[tuple[str, str, dict, str]], start_from: str | None) -> dict:
@@ -288,8 +308,18 @@ class Pipeline:
         encode, decode = self.codec()
         items = [RLItem(rid, tuple(encode(build_prompt(q, opts, mcfg.chat_template))), label)
                  for rid, q, opts, label in records]
-        max_prompt = max(len(it.prompt_tokens) for it in items)
-        rl_cfg = dataclasses.replace(rl_cfg, max_prompt_len=max(rl_cfg.max_prompt_len, max_prompt),
+        # verl drops prompts over max_prompt_len; rows are padded to the longest prompt left,
+        # rounded up to 64 tokens, rather than to the limit
+        over = [it for it in items if len(it.prompt_tokens) > rl_cfg.max_prompt_len]
+        if over:
+            log(f"{stage}: {len(over)} of {len(items)} prompts are longer than {rl_cfg.max_prompt_len} "
+                f"tokens and are left out")
+            items = [it for it in items if len(it.prompt_tokens) <= rl_cfg.max_prompt_len]
+            if not items:
+                raise ValueError(f"stage {stage}: every prompt is longer than max_prompt_len "
+                                 f"{rl_cfg.max_prompt_len}")
+        longest = max(len(it.prompt_tokens) for it in items)
+        rl_cfg = dataclasses.replace(rl_cfg, max_prompt_len=min(rl_cfg.max_prompt_len, -(-longest // 64) * 64),
                                      seed=self.cfg.seed)
         ref = None
         if rl_cfg.loss.kl_coef != 0:
@@ -359,7 +389,8 @@ class Pipeline:
         results = evaluate(model, self.tokenizer(), self.benchmark_records(), template=mcfg.chat_template,
                            num_generations=cfg.eval_generations, temperature=cfg.eval_temperature,
                            top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
-                           max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
+                           max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
+                           batch_size=cfg.eval_batch_per_device * self.mesh().size)
         if is_main():
             write_results(results, out)
         summary = {b: round(r["accuracy_mean"], 4) for b, r in results["benchmarks"].items()}

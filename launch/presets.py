@@ -19,9 +19,12 @@ from rl.train_step import LossConfig, OptimConfig
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     name: str
-    model: str | None            # HF dir / .gguf; None: the preset's default source
+    model: str | None            # HF dir / .gguf / "asset:smollm2"; None: --model is required
     model_preset: str | None     # models.preset name for random weights (tests)
-    dtype: str = "float32"
+    dtype: str = "float32"            # computation
+    param_dtype: str | None = None    # stored parameters and optimizer state; None: dtype
+    remat: str = "none"               # none | full | dots (training activations)
+    chat_template: str | None = None  # None: the checkpoint's; "raw" for base models
     mesh: tuple[int, int, int] = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     # synthesis
     alpha: float = 0.3
@@ -41,6 +44,7 @@ class PipelineConfig:
     label_threshold: float = 0.75
     label_max_new_tokens: int = 3072
     label_recover: bool = False    # read unreadable votes by the evaluation's restricted letter decode
+    label_batch_per_device: int = 16  # questions per sampler call, per device of the mesh
     # GRPO (both stages)
     rl_self: RLConfig = RLConfig()
     rl_sup: RLConfig = RLConfig()
@@ -51,6 +55,7 @@ class PipelineConfig:
     eval_top_k: int = 20
     eval_max_new_tokens: int = 2048
     eval_items_per_benchmark: int | None = None  # None: every item
+    eval_batch_per_device: int = 32
     seed: int = 0
 
     def replace(self, **kw) -> "PipelineConfig":
@@ -107,16 +112,18 @@ PRESETS: dict[str, PipelineConfig] = {
         rl_self=_small_rl(2, 2, 4, 16, 256), rl_sup=_small_rl(2, 2, 4, 16, 256),
         eval_generations=2, eval_max_new_tokens=16, eval_items_per_benchmark=4),
     "smollm2": PipelineConfig(
-        name="smollm2", model=None, model_preset=None, num_questions=16, num_votes=4,
+        name="smollm2", model="asset:smollm2", model_preset=None, num_questions=16, num_votes=4,
         holdout_benchmark="medqa", holdout_seeds=16, holdout_real=32,
         label_threshold=0.5, label_max_new_tokens=96, label_recover=True,
         rl_self=_small_rl(2, 2, 4, 96, 512), rl_sup=_small_rl(2, 2, 4, 96, 512),
         eval_generations=2, eval_max_new_tokens=96, eval_items_per_benchmark=8),
     "qwen3_8b_base": PipelineConfig(
-        name="qwen3_8b_base", model=None, model_preset=None, dtype="bfloat16", mesh=(1, -1, 1),
+        name="qwen3_8b_base", model=None, model_preset=None, dtype="bfloat16", param_dtype="float32",
+        remat="full", chat_template="raw", mesh=(1, -1, 1),
         rl_self=_paper_rl(300), rl_sup=_paper_rl(300)),
     "llama31_8b_instruct": PipelineConfig(
-        name="llama31_8b_instruct", model=None, model_preset=None, dtype="bfloat16", mesh=(1, -1, 1),
+        name="llama31_8b_instruct", model=None, model_preset=None, dtype="bfloat16", param_dtype="float32",
+        remat="full", chat_template="llama3", mesh=(1, -1, 1),
         rl_self=_paper_rl(300), rl_sup=_paper_rl(300)),
 }
 

@@ -35,8 +35,8 @@ def test_synthesize_and_label_then_skip_and_refuse(tmp_path):
 
 
 def test_rl_self_without_kept_labels_fails_clearly(tmp_path):
-    # a random tiny model writes no readable answer, so every pseudo-label is dropped
-    pipe = Pipeline(pipeline_preset("tiny", num_questions=2, num_votes=2), tmp_path, Inputs())
+    # a random tiny model writes no readable answer: without letter recovery every label is dropped
+    pipe = Pipeline(pipeline_preset("tiny", num_questions=2, num_votes=2, label_recover=False), tmp_path, Inputs())
     pipe.run_stage("synthesize")
     pipe.run_stage("label")
     with pytest.raises(ValueError, match=r"stage rl_self: no training items"):
@@ -88,3 +88,21 @@ def test_eval_stage_on_the_base_model(tmp_path):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["summary"]["policy"] == "base"
     assert (out / "results.md").read_text().count("\n| ") >= 6
+
+
+def test_policy_loading_follows_the_preset(tmp_path):
+    import jax
+    from flax import nnx
+
+    cfg = pipeline_preset("tiny", dtype="bfloat16", param_dtype="float32", remat="full", chat_template="raw")
+    model, mcfg = Pipeline(cfg, tmp_path, Inputs()).load_policy()
+    assert (mcfg.dtype, mcfg.param_dtype, mcfg.remat, mcfg.chat_template) == ("bfloat16", "float32", "full", "raw")
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == "float32" for p in params)  # master weights for AdamW
+    assert max(len(p.sharding.device_set) for p in params) == jax.device_count()  # sharded on the mesh
+    paper = pipeline_preset("qwen3_8b_base")
+    assert (paper.dtype, paper.param_dtype, paper.chat_template) == ("bfloat16", "float32", "raw")
+    with pytest.raises(ValueError, match=r"the qwen3_8b_base preset needs --model"):
+        Pipeline(paper, tmp_path / "p", Inputs()).model_source()
+    with pytest.raises(FileNotFoundError, match=r"neither an HF checkpoint .* nor a run directory"):
+        Pipeline(cfg, tmp_path / "q", Inputs(model=str(tmp_path))).model_source()
