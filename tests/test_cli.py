@@ -1,0 +1,159 @@
+"""The command line as users run it: bad input, API synthesis, and `--stage=all` killed in
+every stage then rerun (outputs equal to an uninterrupted run's)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "sk-pipeline-test-secret-4711"
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=str(ROOT))
+    env.pop("OPENAI_API_KEY", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], *, env: dict | None = None, kill_on: tuple[str, ...] = (),
+            timeout: float = 300) -> tuple[int, str, bool]:
+    """Run `python -m launch.main args`; SIGKILL it as soon as stderr lines have matched the
+    patterns of `kill_on` in order. Returns (exit code, stderr, killed)."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch.main", *args], cwd=ROOT, env=env or cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, killed, deadline, todo = [], False, time.monotonic() + timeout, list(kill_on)
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"launch.main {args} ran past {timeout} s:\n{''.join(lines[-20:])}")
+            if todo and re.search(todo[0], line):
+                todo.pop(0)
+                if not todo:
+                    proc.send_signal(signal.SIGKILL)
+                    killed = True
+                    break
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    return rc, "".join(lines), killed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--alpha=2"], r"^all: alpha must be in \[0, 1\], got 2\.0$"),
+    (["--config=nope"], r"^all: unknown --config 'nope'; known: "),
+    (["--model=/no/such/model"], r"^all: /no/such/model: no such model \(--model takes"),
+    (["--stage=label", "--seeds=/no/seeds.json"], r"^label: /no/seeds\.json: no such file or directory \(--seeds\)$"),
+    (["--benchmarks=/no/bench"], r"^all: /no/bench: no benchmark files; pass --benchmarks="),
+    (["--steps=0"], r"^all: steps must be >= 1, got 0$"),
+])
+def test_bad_flags_give_one_clear_line(tmp_path, args, message):
+    rc, err, _ = run_cli(["--config=tiny", f"--workdir={tmp_path}", *args], timeout=120)
+    assert rc != 0
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and re.search(message, lines[0]), err
+    assert "Traceback" not in err
+
+
+def test_api_synthesis_from_the_command_line(tmp_path):
+    with FakeOpenAI(schedule=None) as srv:
+        args = ["--stage=synthesize", "--config=tiny", f"--workdir={tmp_path}", "--num_questions=8",
+                "--alpha=0.5", f"--openai_base_url={srv.base_url}", "--synth_model=gpt-4.1-mini"]
+        rc, err, _ = run_cli(args, env=cli_env(OPENAI_API_KEY=API_KEY), timeout=240)
+        assert rc == 0, err
+        n_requests = len(srv.requests)
+    out = tmp_path / "synthesize"
+    items = [json.loads(x) for x in (out / "synthetic.jsonl").read_text().splitlines()]
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()] \
+        if (out / "rejected.jsonl").exists() else []
+    assert len(items) + len(rejected) == 8 and len(items) >= 6 and n_requests >= 8
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["generator"] == "gpt-4.1-mini" and summary["items"] == len(items)
+    rare = [it for it in items + rejected if it["provenance"]["entity"]]
+    assert summary["rare_ratio"] == len(rare) / 8 and rare
+    for it in rare:  # the knowledge block came from the HPO profile index
+        ids = it["provenance"]["retrieved_doc_ids"]
+        assert len(ids) == 3 and all(i.startswith(("ORPHA:", "OMIM:", "DECIPHER:")) for i in ids)
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert API_KEY not in f.read_text(errors="replace"), f
+    assert API_KEY not in err
+    # with the endpoint gone, a rerun is skipped; another generator model is refused
+    rc, err, _ = run_cli(args, env=cli_env(OPENAI_API_KEY=API_KEY), timeout=120)
+    assert rc == 0 and "synthesize: finished earlier, skipped" in err
+    rc, err, _ = run_cli(args[:-1] + ["--synth_model=gpt-4.1"], env=cli_env(OPENAI_API_KEY=API_KEY), timeout=120)
+    assert rc != 0 and "ran with different synth_model" in err
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _outputs(workdir: Path) -> dict:
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    return {
+        "synthetic": _digest(workdir / "synthesize" / "synthetic.jsonl"),
+        "labels": _digest(workdir / "label" / "pseudo_labelled.jsonl"),
+        "rl_self": _digest(workdir / "rl_self" / "model"),
+        "rl_sup": _digest(workdir / "rl_sup" / "model"),
+        "eval": {b: [it["predictions"] for it in r["items"]] for b, r in results["benchmarks"].items()},
+        "export": _digest(workdir / "export" / "model"),
+    }
+
+
+KILL_POINTS = [  # (stage, the stderr lines after which the run is killed)
+    ("synthesize", (r"^synthesize: starting",)),
+    ("label", (r"^label: starting",)),
+    ("rl_self", (r"^rl_self: starting", r"^step 2/3")),  # after a checkpoint: the rerun resumes from it
+    ("rl_sup", (r"^rl_sup: starting", r"^step 2/3")),
+    ("eval", (r"^eval: starting",)),
+    ("export", (r"^export: starting",)),
+]
+STAGES = [s for s, _ in KILL_POINTS]
+
+
+def test_all_resumes_after_a_kill_in_every_stage(tmp_path):
+    args = ["--stage=all", "--config=tiny", "--steps=3"]
+    rc, err, _ = run_cli(args + [f"--workdir={tmp_path / 'straight'}"])
+    assert rc == 0, err
+    expected = _outputs(tmp_path / "straight")
+    assert "| rl_sup | 3 |" in (tmp_path / "straight" / "report.md").read_text()
+
+    work = tmp_path / "killed"
+    errs = []
+    for i, (stage, patterns) in enumerate(KILL_POINTS):
+        rc, err, killed = run_cli(args + [f"--workdir={work}"], kill_on=patterns)
+        errs.append(err)
+        assert killed and rc == -signal.SIGKILL, (stage, err)
+        assert json.loads((work / stage / "manifest.json").read_text())["status"] == "running"
+        for done in STAGES[:i]:
+            assert json.loads((work / done / "manifest.json").read_text())["status"] == "done"
+    rc, err, _ = run_cli(args + [f"--workdir={work}"])
+    errs.append(err)
+    assert rc == 0, err
+    # each rerun resumed the stage killed before it; GRPO stages from their step-1 or -2 checkpoint
+    for (stage, _), later in zip(KILL_POINTS, errs[1:]):
+        assert f"{stage}: resuming" in later, (stage, later)
+    assert re.search(r"resumed from step [12]", errs[3]) and re.search(r"resumed from step [12]", errs[4])
+    assert _outputs(work) == expected
