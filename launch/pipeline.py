@@ -293,13 +293,13 @@ class Pipeline:
         _, summary = pseudo_label(model, self.tokenizer(), items, n=cfg.num_votes, threshold=cfg.label_threshold,
                                   template=mcfg.chat_template, max_new_tokens=cfg.label_max_new_tokens,
                                   temperature=1.0, seed=cfg.seed, out_dir=out if is_main() else None,
-                                  recover=cfg.label_recover,
+                                  recover=cfg.label_recover, lenient=cfg.lenient_answers,
                                   batch_size=cfg.label_batch_per_device * self.mesh().size)
         return dict(outputs={"pseudo_labelled": "pseudo_labelled.jsonl"}, summary=summary)
 
     def _rl(self, stage: str, rl_cfg, records: list[tuple[str, str, dict, str]], start_from: str | None) -> dict:
         import models
-        from rl.loop import RLItem, option_letter_reward, run_grpo
+        from rl.loop import RLItem, run_grpo
         from synth.pseudo_label import build_prompt
         out = self.run.stage_dir(stage)
         if not records:
@@ -324,9 +324,14 @@ class Pipeline:
         ref = None
         if rl_cfg.loss.kl_coef != 0:
             ref, _ = self.load_policy(start_from)
-        letters = "".join(sorted({k for _, _, opts, _ in records for k in opts}))
+        from medssr_jax.answers import option_reward
+        lenient = self.cfg.lenient_answers
+
+        def reward(item, completion) -> float:  # 1 when the read option letter is the item's label
+            return option_reward(decode(completion.tokens), item.label, letters_of[item.id], lenient=lenient)
+        letters_of = {rid: "".join(opts) for rid, _, opts, _ in records}
         tok = self.tokenizer()
-        trained, history = run_grpo(model, items, option_letter_reward(decode, letters), rl_cfg, out,
+        trained, history = run_grpo(model, items, reward, rl_cfg, out,
                                     ref_model=ref, eos_ids=list(mcfg.eos_token_ids),
                                     pad_id=tok.pad_token_id or 0)
         models.save_pretrained(trained, mcfg, out / "model")

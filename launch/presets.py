@@ -45,6 +45,7 @@ class PipelineConfig:
     label_max_new_tokens: int = 3072
     label_recover: bool = False    # read unreadable votes by the evaluation's restricted letter decode
     label_batch_per_device: int = 16  # questions per sampler call, per device of the mesh
+    lenient_answers: bool = False     # labels and GRPO rewards also read a leading "X." answer
     # GRPO (both stages)
     rl_self: RLConfig = RLConfig()
     rl_sup: RLConfig = RLConfig()
@@ -108,13 +109,13 @@ PRESETS: dict[str, PipelineConfig] = {
     "tiny": PipelineConfig(
         name="tiny", model=None, model_preset="tiny", num_questions=8, num_votes=4,
         corpus_max_docs=300, holdout_benchmark="medqa", holdout_seeds=8, holdout_real=8,
-        label_threshold=0.5, label_max_new_tokens=16, label_recover=True,
+        label_threshold=0.5, label_max_new_tokens=16, label_recover=True, lenient_answers=True,
         rl_self=_small_rl(2, 2, 4, 16, 256), rl_sup=_small_rl(2, 2, 4, 16, 256),
         eval_generations=2, eval_max_new_tokens=16, eval_items_per_benchmark=4),
     "smollm2": PipelineConfig(
         name="smollm2", model="asset:smollm2", model_preset=None, num_questions=16, num_votes=4,
         holdout_benchmark="medqa", holdout_seeds=16, holdout_real=32,
-        label_threshold=0.5, label_max_new_tokens=96, label_recover=True,
+        label_threshold=0.5, label_max_new_tokens=96, label_recover=True, lenient_answers=True,
         rl_self=_small_rl(2, 2, 4, 96, 512), rl_sup=_small_rl(2, 2, 4, 96, 512),
         eval_generations=2, eval_max_new_tokens=96, eval_items_per_benchmark=8),
     "qwen3_8b_base": PipelineConfig(

@@ -27,6 +27,12 @@ another, e.g. ``The answer is [B]``, points at the same letter). The winning
 letter must be one of ``options``, otherwise the completion has no valid
 answer and ``None`` is returned -- an earlier valid candidate does not rescue
 a final invalid one.
+
+``lenient=True`` adds one form, tried only when none of the three occurs: a
+completion that *opens* with an option letter followed by ``.``, ``)`` or
+``:`` (``C. Elastosis ...``, ``(B) ...``), the way small instruct models
+often reply to a listed question. The MedSSR evaluation protocol reads the
+strict forms only.
 """
 
 from __future__ import annotations
@@ -70,12 +76,17 @@ def _option_set(options: str | Iterable[str]) -> frozenset[str]:
     return frozenset(letters)
 
 
-def extract_answer(text: str | None, options: str | Iterable[str] = "ABCDE") -> str | None:
+_LEADING_RE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.):])(?=\s|$)")
+
+
+def extract_answer(text: str | None, options: str | Iterable[str] = "ABCDE", *,
+                   lenient: bool = False) -> str | None:
     """The option letter a completion commits to, or ``None``.
 
     See the module docstring for the recognised forms. The last candidate in
     the text decides; it must be one of ``options`` (a string such as
-    ``"ABCD"`` or an iterable of letters), otherwise ``None``.
+    ``"ABCD"`` or an iterable of letters), otherwise ``None``. ``lenient``
+    also reads a leading ``X.`` when no other form occurs.
     """
     allowed = _option_set(options)
     if not text:
@@ -85,12 +96,16 @@ def extract_answer(text: str | None, options: str | Iterable[str] = "ABCDE") -> 
         for m in pattern.finditer(text):
             if m.start(1) > best_pos:
                 best_pos, best = m.start(1), m.group(1)
+    if best is None and lenient:
+        m = _LEADING_RE.match(text)
+        best = m and (m.group(1) or m.group(2))
     return best if best in allowed else None
 
 
-def option_reward(text: str | None, label: str, options: str | Iterable[str] = "ABCDE") -> float:
+def option_reward(text: str | None, label: str, options: str | Iterable[str] = "ABCDE", *,
+                  lenient: bool = False) -> float:
     """1.0 when :func:`extract_answer` of ``text`` equals ``label``, else 0.0."""
-    return 1.0 if extract_answer(text, options) == label else 0.0
+    return 1.0 if extract_answer(text, options, lenient=lenient) == label else 0.0
 
 
 _OPTION_LINE_RE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.):])(?:\s+(.*?))?\s*$")

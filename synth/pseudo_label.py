@@ -130,7 +130,7 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
                  eos_ids: Sequence[int] | None = None, batch_size: int = 16,
                  out_dir: str | os.PathLike | None = None,
                  generate_fn: Callable[..., Any] | None = None,
-                 recover: bool = False) -> tuple[list[LabelledItem], dict]:
+                 recover: bool = False, lenient: bool = False) -> tuple[list[LabelledItem], dict]:
     """Label ``items`` (dicts / SynthItem / SeedQuestion with question and
     options) by majority vote over ``n`` samples; see the module docstring.
 
@@ -172,7 +172,7 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
                 toks = list(c.tokens)
                 while toks and toks[-1] in eos:
                     toks.pop()
-                answers.append(extract_answer(decode(toks), letters))
+                answers.append(extract_answer(decode(toks), letters, lenient=lenient))
                 if answers[-1] is None and letter_tokens is not None:
                     from medssr_jax.evaluation import recovery_context
                     pending.append((row, v, recovery_context(prompt, c.tokens, letter_tokens.suffix_ids,

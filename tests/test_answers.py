@@ -230,3 +230,20 @@ def test_vote_is_frozen():
     v = majority_vote(["A"])
     with pytest.raises(AttributeError):
         v.label = "B"
+
+
+@pytest.mark.parametrize("text,strict,lenient", [
+    ("C. Elastosis perforans serpiginosa is the answer", None, "C"),
+    ("(B) Infantile Refsum disease", None, "B"),
+    (" D) Warty dyskeratoma", None, "D"),
+    ("B: the second one", None, "B"),
+    ("C.", None, "C"),
+    ("A patient with ...", None, None),        # a word, not a letter
+    ("E. not an option here", None, None),     # leading letter outside the options
+    ("A. first thought. The answer is B", "B", "B"),  # a strict form wins over the opening
+    ("I think C. is right", None, None),       # only the opening counts
+])
+def test_lenient_reads_a_leading_option_letter(text, strict, lenient):
+    assert extract_answer(text, "ABCD") == strict
+    assert extract_answer(text, "ABCD", lenient=True) == lenient
+    assert option_reward(text, "C", "ABCD", lenient=True) == (1.0 if lenient == "C" else 0.0)
