@@ -22,6 +22,7 @@ from medssr_jax.evaluation import (
     greedy_predictions,
     option_letter_ids,
     recovery_context,
+    recovery_letters,
     restricted_argmax,
     write_results,
 )
@@ -290,11 +291,11 @@ def _eval_dir() -> Path:
     return d
 
 
-def _medqa_records(n):
-    """The first n MedQA records whose options parse_options reads (a few questions in the
-    file end with a stray '"' line after the options; they are skipped here)."""
+def _benchmark_records(n, name="medqa"):
+    """The first n records of a benchmark whose options parse_options reads (a few questions
+    in the MedQA file end with a stray '"' line after the options; they are skipped here)."""
     out = []
-    for row in json.loads((_eval_dir() / "medqa.json").read_text()):
+    for row in json.loads((_eval_dir() / f"{name}.json").read_text()):
         try:
             stem, options = parse_options(row["question"])
         except ValueError:
@@ -317,11 +318,17 @@ def test_smollm2_greedy_agrees_with_transformers():
     from tests.test_smollm2 import load_transformers
 
     new_tokens = 48
-    records = _medqa_records(6)
+    benchmarks = ("medqa", "medmcqa", "mmlu", "pubmedqa", "bioasq", "medbullets")
+    by_bench = {b: _benchmark_records(2, b) for b in benchmarks}
+    records = [r for recs in by_bench.values() for r in recs]
+    assert {len(r.options) for r in records} >= {2, 3, 4, 5}
+    letters_of = {r.id: recovery_letters(by_bench[b]) for b in benchmarks for r in by_bench[b]}
     path = assets.smollm2_gguf()
     tokenizer = tokenizer_from_gguf(path)
     ours, _ = models.from_pretrained(path, dtype="float32")
-    items = greedy_predictions(ours, tokenizer, records, template="smollm2", max_new_tokens=new_tokens)
+    items = [it for b in benchmarks  # recovery is restricted to each benchmark's letters
+             for it in greedy_predictions(ours, tokenizer, by_bench[b], template="smollm2",
+                                          max_new_tokens=new_tokens, benchmark=b)]
     assert [it["id"] for it in items] == [r.id for r in records]
 
     # transformers on the same prompt tokens: batched greedy generate, left padding
@@ -337,7 +344,7 @@ def test_smollm2_greedy_agrees_with_transformers():
     with torch.no_grad():
         out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), generation_config=gc)[:, s:].tolist()
 
-    lt = option_letter_ids(tokenizer, "ABCD")
+    lt = option_letter_ids(tokenizer, "ABCDE")
     assert lt.merged_space and tokenizer.decode([lt.ids["A"]]) == " A"
     assert tokenizer.decode(lt.suffix_ids) == "\nThe answer is"
     agree = 0
@@ -350,7 +357,8 @@ def test_smollm2_greedy_agrees_with_transformers():
             ctx = recovery_context(prompt, theirs, lt.suffix_ids, 8192, eos)
             with torch.no_grad():
                 logits = hf(torch.tensor([ctx])).logits[0, -1].double().numpy()
-            pred = "ABCD"[int(np.argmax(logits[[lt.ids[x] for x in "ABCD"]]))]
+            letters = letters_of[r.id]
+            pred = letters[int(np.argmax(logits[[lt.ids[x] for x in letters]]))]
         assert it["texts"][0] == text, r.id
         assert it["predictions"][0] == pred, (r.id, text)
         agree += it["predictions"][0] == pred
