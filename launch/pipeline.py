@@ -415,7 +415,7 @@ class Pipeline:
     # --- orchestration --------------------------------------------------------
     def stage_inputs(self, stage: str) -> dict[str, str]:
         src = self.model_source()
-        inputs = {"model": src if src.startswith("random:") else file_digest(src)}
+        inputs = {"model": src if src.startswith("random:") else f"{Path(src).name} sha256:{file_digest(src)}"}
         upstream = {"label": ["synthesize"], "rl_self": ["label"], "rl_sup": ["rl_self"],
                     "export": ["rl_self"]}.get(stage, [])
         if stage == "eval" and self._trained_stage():
