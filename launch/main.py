@@ -110,7 +110,7 @@ def run_pipeline() -> Path:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value; see --help)")
     if not FLAGS["verbosity"].present:  # app.run sets verbosity to INFO unless given
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     from launch import distributed

@@ -62,6 +62,7 @@ def run_cli(args: list[str], *, env: dict | None = None, kill_on: tuple[str, ...
     (["--stage=label", "--seeds=/no/seeds.json"], r"^label: /no/seeds\.json: no such file or directory \(--seeds\)$"),
     (["--benchmarks=/no/bench"], r"^all: /no/bench: no benchmark files; pass --benchmarks="),
     (["--steps=0"], r"^all: steps must be >= 1, got 0$"),
+    (["stray"], r"^unexpected arguments: stray \(flags are --name=value; see --help\)$"),
 ])
 def test_bad_flags_give_one_clear_line(tmp_path, args, message):
     rc, err, _ = run_cli(["--config=tiny", f"--workdir={tmp_path}", *args], timeout=120)
@@ -69,6 +70,19 @@ def test_bad_flags_give_one_clear_line(tmp_path, args, message):
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and re.search(message, lines[0]), err
     assert "Traceback" not in err
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "-m", "launch.main", "--help"], cwd=ROOT, env=cli_env(),
+                         capture_output=True, text=True, timeout=120).stdout
+    for flag in ("stage", "config", "workdir", "model", "seeds", "real_data", "benchmarks", "alpha",
+                 "num_questions", "num_votes", "label_threshold", "openai_base_url", "synth_model",
+                 "num_generations", "max_new_tokens", "temperature", "steps", "seed",
+                 "coordinator_address", "num_processes", "process_id"):
+        m = re.search(rf"^  --{flag}: (.+)$", out, re.MULTILINE)
+        assert m and len(m.group(1)) > 10, flag
+    for stage in ("synthesize", "label", "rl_self", "rl_sup", "eval", "export", "all"):
+        assert re.search(rf"^  {stage}\s+\S", out, re.MULTILINE), stage
 
 
 def test_api_synthesis_from_the_command_line(tmp_path):
