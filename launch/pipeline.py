@@ -243,7 +243,8 @@ class Pipeline:
         tok.no_padding()
         tok.no_truncation()
         emb, ids = rt.embed_corpus(encoder, tok, docs, batch_size=64, max_len=32, pooling="mean",
-                                   normalize=True, out_dir=assets.cache_dir() / "embeddings" / "hpo-minilm-32")
+                                   normalize=True,  # one cache per corpus size: presets do not evict each other
+                                   out_dir=assets.cache_dir() / "embeddings" / f"hpo-minilm-32-{len(docs)}")
         index = rt.Index.build(emb, ids, method=self.cfg.index_method)
         log(f"synthesize: {len(docs)} HPO profiles indexed ({index.backend}, {index.method})")
         return diseases, docs, rt.Retriever(encoder, tok, index, docs, query_pooling="mean",

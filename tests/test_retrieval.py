@@ -133,7 +133,7 @@ def hpo_index_data(minilm):
     docs = list(kn.build_corpus(diseases, terms))
     t0 = time.perf_counter()
     emb, ids = rt.embed_corpus(encoder, tok, docs, batch_size=64, max_len=32, pooling="mean",
-                               normalize=True, out_dir=cache_dir() / "test_embeddings" / "hpo-minilm-32")
+                               normalize=True, out_dir=cache_dir() / "embeddings" / f"hpo-minilm-32-{len(docs)}")
     print(f"\nembedded {len(docs)} HPO profiles in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     names = [d.name for d in diseases[::15]]  # ~290 queries: disease names
     queries = rt.embed_texts(encoder, tok, names, batch_size=64, max_len=32, pooling="mean", normalize=True)
