@@ -3,6 +3,11 @@
 Loading builds the model abstractly (shapes only), then streams tensors one at
 a time from disk straight into their target sharding: the host never holds
 two full copies of the model.
+
+In a run of several processes every process loads the same files and keeps
+the shards of its own devices; saving gathers one tensor at a time on every
+process (a collective), process 0 writes, and the others wait until the
+directory is in place.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from medssr_jax import multihost
 from medssr_jax.sharding import logical_to_sharding
 from models import params as hf_params
 from models import safetensors_io
@@ -40,8 +46,8 @@ def param_items(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Param]]:
 
 
 def _sharding_for(var: nnx.Param, mesh: Mesh | None):
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if mesh is None:  # this process's first device (jax.devices()[0] may belong to another process)
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return logical_to_sharding(var.axes, mesh, var.shape)
 
 
@@ -50,14 +56,28 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def _reshard(x: jax.Array, sharding) -> jax.Array:
+    if sharding.is_fully_addressable or not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    # A process-local array onto devices of several processes: every process holds the
+    # same full value (same seed or same file) and contributes the shards of its devices.
+    return _place(np.asarray(x), sharding)
+
+
 def abstract_model(cfg: ModelConfig, mesh: Mesh | None = None) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
-    """Place every parameter in the sharding its logical axes map to."""
+    """Place every parameter in the sharding its logical axes map to, in place.
+
+    The model's own `mesh` (activation sharding, the sampler's prompt sharding)
+    is set to `mesh` as well, so parameters and computation agree.
+    """
     for _, var in param_items(model):
-        var.value = jax.device_put(var[...], _sharding_for(var, mesh))
+        var.value = _reshard(var[...], _sharding_for(var, mesh))
+    if hasattr(model, "mesh"):
+        model.mesh = mesh
     return model
 
 
@@ -124,13 +144,6 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     return load_tensors(cfg, tensors, mesh, str(path)), cfg
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike, *,
                     dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write an HF directory (config.json + safetensors) that transformers loads.
@@ -138,6 +151,10 @@ def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.P
     Written into a temporary directory and renamed, so a crash leaves no
     half-written checkpoint. `dtype` overrides the stored dtype (default: the
     parameters' own).
+
+    With several processes every process must call it: each tensor is gathered
+    on every process (a collective), process 0 writes, and all return once the
+    directory is in place (or all raise if process 0 failed to write it).
     """
     out = Path(out_dir)
     items = {hf_params.path_to_hf(path)[0]: (path, var) for path, var in param_items(model)}
@@ -151,23 +168,40 @@ def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.P
     if target is not None:
         hf_cfg["torch_dtype"] = str(target)
     if jax.process_index() != 0:
-        for _, (_, var) in items.items():  # take part in the collective gathers
-            _to_host(var[...])
+        # Take part in the gathers, in the order process 0 writes the tensors, then wait
+        # for process 0's verdict; a process that stopped early would leave 0 waiting.
+        for name, _, _ in specs:
+            multihost.host_array(items[name][1][...])
+        if not multihost.broadcast_from_main(np.int32(0)):
+            raise RuntimeError(f"{out}: process 0 failed to write the checkpoint (see its log)")
         return out
 
-    def fetch(name):
-        path, var = items[name]
-        return hf_params.path_to_hf(path)[1](_to_host(var[...]), config)
+    gathered = 0  # write_sharded fetches the tensors in the order of `specs`
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    def fetch(name):
+        nonlocal gathered
+        path, var = items[name]
+        host = multihost.host_array(var[...])
+        gathered += 1
+        return hf_params.path_to_hf(path)[1](host, config)
+
+    written = False
     try:
-        safetensors_io.write_sharded(tmp, specs, fetch, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        try:
+            safetensors_io.write_sharded(tmp, specs, fetch, max_shard_bytes)
+            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+            written = True
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        if jax.process_count() > 1:
+            for name, _, _ in specs[gathered:]:  # a failed write still joins the other processes' gathers
+                multihost.host_array(items[name][1][...])
+            multihost.broadcast_from_main(np.int32(written))
     return out
