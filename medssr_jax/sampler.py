@@ -15,6 +15,9 @@
   truncation: log_softmax(logits / T). This is the "old logprob" convention
   of verl's GRPO, so the importance ratio at the first update is exactly 1.
   With temperature 0 (greedy) the logprobs are log_softmax(logits).
+- On a mesh the prompts are sharded over the data axes; in a run of several
+  processes every process passes the same prompts and seed, and every process
+  gets all the completions back.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from medssr_jax.multihost import global_from_host, host_array
+from medssr_jax.sharding import logical_to_sharding
+from models.config import ModelConfig
 from models.transformer import ChunkKV, PrefixKV, Transformer, decode_step, empty_chunk, prefill
 
 
@@ -139,6 +145,14 @@ def _decode_chunk(graphdef, state, prefix: PrefixKV, finished: tuple[ChunkKV, ..
     return current, last, positions, done, toks, lps, steps
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _empty_chunk_sharded(cfg: ModelConfig, num_prompts: int, n: int, length: int,
+                         sharding: NamedSharding) -> ChunkKV:
+    """A zero KV chunk created in place on the mesh (prompts over the data axes, KV heads over tensor)."""
+    chunk = empty_chunk(cfg, num_prompts, n, length)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), chunk)
+
+
 # --- the public entry point ---------------------------------------------------
 
 def _round_up(x: int, multiple: int) -> int:
@@ -223,11 +237,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
     positions = np.repeat(lengths, n).astype(np.int32)
 
     def put(x):
-        x = jnp.asarray(x)
         if mesh is None:
-            return x
-        spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(mesh, spec))
+            return jnp.asarray(x)
+        spec = PartitionSpec(("data", "fsdp"), *([None] * (np.ndim(x) - 1)))
+        return global_from_host(x, NamedSharding(mesh, spec))
+
+    def new_chunk(length):
+        if mesh is None:
+            return empty_chunk(cfg, p_pad, n, length)
+        shape = (p_pad, n, cfg.num_kv_heads, length, cfg.head_dim)
+        sharding = logical_to_sharding(("batch", None, "kv_heads", None, "head_dim"), mesh, shape)
+        return _empty_chunk_sharded(cfg, p_pad, n, length, sharding)
 
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
@@ -237,7 +257,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
     t0 = time.perf_counter()
     prefix, last, lp0, done = _prefill_and_first(
         graphdef, state, put(tokens), put(mask), put(alive), key, eos_arr, params=params, n=n)
-    out_tokens, out_logprobs = [np.asarray(last)[:, None]], [np.asarray(lp0)[:, None]]
+    out_tokens, out_logprobs = [host_array(last)[:, None]], [host_array(lp0)[:, None]]
+    all_done = bool(host_array(done).all())
     t_prefill = time.perf_counter() - t0
     if on_tokens is not None:
         on_tokens(out_tokens[0][:num * n])
@@ -246,15 +267,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
     finished: tuple[ChunkKV, ...] = ()
     positions = put(positions)
     generated, step = batch, 0
-    while step < max_new_tokens - 1 and not bool(jnp.all(done)):
-        current = empty_chunk(cfg, p_pad, n, chunk)
+    while step < max_new_tokens - 1 and not all_done:
+        current = new_chunk(chunk)
         steps_left = min(chunk, max_new_tokens - 1 - step)
         current, last, positions, done, toks, lps, ran = _decode_chunk(
             graphdef, state, prefix, finished, current, last, positions, done, key,
             jnp.int32(step), jnp.int32(steps_left), eos_arr, jnp.int32(pad_id), params=params)
-        ran = int(ran)
-        out_tokens.append(np.asarray(toks)[:, :ran])
-        out_logprobs.append(np.asarray(lps)[:, :ran])
+        ran = int(host_array(ran))
+        out_tokens.append(host_array(toks)[:, :ran])
+        out_logprobs.append(host_array(lps)[:, :ran])
+        done_host = host_array(done)
+        all_done = bool(done_host.all())
         finished = finished + (current,)
         step += ran
         if on_tokens is not None:
@@ -263,7 +286,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
         if show:
             elapsed = time.perf_counter() - t0
             show(dict(generated=generated, tokens_per_s=generated / elapsed,
-                      running=int((~np.asarray(done)).sum()), batch=batch))
+                      running=int((~done_host).sum()), batch=batch))
     elapsed = time.perf_counter() - t0
     if show is _console_progress:
         print(file=sys.stderr)
