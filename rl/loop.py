@@ -6,6 +6,14 @@ step consumes is a function of (seed, step): the data order is a per-epoch
 permutation drawn from the seed, the sampling key folds in the step, so a
 resumed run needs only the parameters, the optimizer state and the step to
 continue exactly where an uninterrupted run would be.
+
+Devices and processes: the policy trains on one mesh (see `run_grpo`). In a
+run of several processes every process calls `run_grpo` with the same
+arguments; sampling is one global computation whose completions every
+process receives, each process then scores and packs only the rows of the
+batch that its own devices hold (host-local data sharding) and contributes
+them to the global batch; checkpoints are written by all processes together
+(orbax), metrics and log lines by process 0 only.
 """
 
 from __future__ import annotations
@@ -21,9 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from medssr_jax import multihost
 from medssr_jax.metrics import MetricsWriter
 from medssr_jax.sampler import Completion, generate
+from medssr_jax.sharding import make_mesh
+from models.checkpoint import shard_model
 from models.transformer import Transformer
 from rl import grpo
 from rl.train_step import (Batch, LossConfig, OptimConfig, TrainState, init_train_state,
@@ -79,7 +91,13 @@ def batch_indices(num_items: int, step: int, per_step: int, seed: int) -> np.nda
 def pack_rollouts(items: Sequence[RLItem], groups: Sequence[Sequence[Completion]], max_prompt_len: int,
                   max_new_tokens: int, pad_id: int) -> dict[str, np.ndarray]:
     """Rows of left-padded prompt + right-padded response with static shapes."""
-    rows = [(item, c) for item, g in zip(items, groups) for c in g]
+    return pack_rows([(item, c) for item, g in zip(items, groups) for c in g], max_prompt_len,
+                     max_new_tokens, pad_id)
+
+
+def pack_rows(rows: Sequence[tuple[RLItem, Completion]], max_prompt_len: int, max_new_tokens: int,
+              pad_id: int) -> dict[str, np.ndarray]:
+    """`pack_rollouts` for given (item, completion) rows, e.g. this process's share of a batch."""
     b = len(rows)
     tokens = np.full((b, max_prompt_len + max_new_tokens), pad_id, np.int32)
     attn = np.zeros_like(tokens, dtype=bool)
@@ -134,9 +152,42 @@ class Checkpointer:
         self.manager.close()
 
 
+def training_mesh(model: Transformer, mesh: Mesh | None = None) -> Mesh | None:
+    """The mesh GRPO trains on: `mesh`, else the model's own, else (more than one device
+    visible, as in any run of several processes) an FSDP mesh (1, all, 1) over every
+    device; None for a single device."""
+    if mesh is not None:
+        return mesh
+    if getattr(model, "mesh", None) is not None:
+        return model.mesh
+    return make_mesh(1, -1, 1) if jax.device_count() > 1 else None
+
+
+class _RowPlacement:
+    """Where the rows of a training batch live: sharded over the mesh's data axes when they
+    divide the rows, else replicated; `rows` are the ones this process builds."""
+
+    def __init__(self, mesh: Mesh | None, num_rows: int):
+        self.num_rows = num_rows
+        if mesh is None:
+            self.sharding = None
+            self.rows = np.arange(num_rows)
+            return
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        spec = PartitionSpec(("data", "fsdp")) if num_rows % shards == 0 else PartitionSpec()
+        self.sharding = NamedSharding(mesh, spec)
+        self.rows = multihost.local_rows(self.sharding, (num_rows,))
+
+    def put(self, local: np.ndarray) -> jax.Array:
+        """The global [num_rows, ...] array of which `local` holds this process's rows."""
+        if self.sharding is None:
+            return jnp.asarray(local)
+        return multihost.global_from_local_rows(local, self.sharding, (self.num_rows, *local.shape[1:]))
+
+
 def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, cfg: RLConfig,
              workdir: str | os.PathLike, *, ref_model: Transformer | None = None,
-             eos_ids: Sequence[int] | None = None, pad_id: int = 0,
+             eos_ids: Sequence[int] | None = None, pad_id: int = 0, mesh: Mesh | None = None,
              on_step_end: Callable[[int, dict], None] | None = None,
              log: Callable[[str], None] | None = None) -> tuple[Transformer, list[dict]]:
     """Train `model` with GRPO for cfg.steps steps, resuming from `workdir` if it holds checkpoints.
@@ -144,18 +195,33 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
     Returns the trained model (same graph, new parameters) and the per-step metrics.
     A step whose loss or gradient is not finite raises NonFiniteError; the
     checkpoints already written are left as they were.
+
+    The policy trains on `training_mesh(model, mesh)`; parameters not yet on it
+    (the policy's and the reference model's) are moved there in place. With
+    several processes every process calls this with the same arguments; `log`
+    and the metrics files are used by process 0 only.
     """
     if not items:
         raise ValueError("no RL items")
     if cfg.prompts_per_step < 1 or cfg.num_generations < 1:
         raise ValueError("prompts_per_step and num_generations must be >= 1")
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    workdir = Path(workdir)
-    tx = make_optimizer(cfg.optim)
-    graphdef, state = init_train_state(model, tx)
     use_ref = cfg.loss.kl_coef != 0
     if use_ref and ref_model is None:
         raise ValueError("kl_coef != 0 needs a reference model")
+    for item in items:  # checked up front: a process must not fail alone on its share of a batch
+        if len(item.prompt_tokens) > cfg.max_prompt_len:
+            raise ValueError(f"item {item.id!r}: prompt has {len(item.prompt_tokens)} tokens > "
+                             f"max_prompt_len={cfg.max_prompt_len}")
+    main = jax.process_index() == 0
+    log = (log or (lambda s: print(s, file=sys.stderr, flush=True))) if main else (lambda s: None)
+    workdir = Path(workdir)
+    mesh = training_mesh(model, mesh)
+    for m in (model, ref_model):
+        if m is not None and mesh is not None and m.mesh != mesh:
+            shard_model(m, mesh)
+    placement = _RowPlacement(mesh, cfg.prompts_per_step * cfg.num_generations)
+    tx = make_optimizer(cfg.optim)
+    graphdef, state = init_train_state(model, tx)
     ref = nnx.split(ref_model, nnx.Param) if use_ref else None
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
@@ -176,26 +242,28 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
                            top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed * 1_000_003 + step,
                            eos_ids=eos_ids, pad_id=pad_id, chunk_size=cfg.sampler_chunk, progress=False)
             t_sample = time.perf_counter() - t0
-            rewards = np.asarray([reward_fn(it, c) for it, g in zip(batch_items, gen) for c in g],
-                                 np.float32)
-            adv = grpo.compute_advantages(jnp.asarray(rewards), cfg.num_generations,
-                                          scale_by_std=cfg.scale_by_std)
-            packed = pack_rollouts(batch_items, gen, cfg.max_prompt_len, cfg.max_new_tokens, pad_id)
+            # every process holds all completions; it scores and packs only its own rows
+            rows = [(it, c) for it, g in zip(batch_items, gen) for c in g]
+            mine = [rows[r] for r in placement.rows]
+            local_rewards = np.asarray([reward_fn(it, c) for it, c in mine], np.float32)
+            rewards = multihost.host_array(placement.put(local_rewards))
+            adv = np.asarray(grpo.compute_advantages(jnp.asarray(rewards), cfg.num_generations,
+                                                     scale_by_std=cfg.scale_by_std))
+            packed = pack_rows(mine, cfg.max_prompt_len, cfg.max_new_tokens, pad_id)
+            tokens, attention_mask = placement.put(packed["tokens"]), placement.put(packed["attention_mask"])
             t1 = time.perf_counter()
             ref_logp = None
             if use_ref:
-                ref_logp = sequence_logprobs(ref[0], ref[1], jnp.asarray(packed["tokens"]),
-                                             jnp.asarray(packed["attention_mask"]),
+                ref_logp = sequence_logprobs(ref[0], ref[1], tokens, attention_mask,
                                              response_len=cfg.max_new_tokens,
                                              temperature=cfg.loss.temperature,
                                              chunk=cfg.loss.logprob_chunk)
             t_ref = time.perf_counter() - t1
-            batch = Batch(jnp.asarray(packed["tokens"]), jnp.asarray(packed["attention_mask"]),
-                          jnp.asarray(packed["response_mask"]), jnp.asarray(packed["old_logp"]),
-                          ref_logp, adv)
+            batch = Batch(tokens, attention_mask, placement.put(packed["response_mask"]),
+                          placement.put(packed["old_logp"]), ref_logp, placement.put(adv[placement.rows]))
             t2 = time.perf_counter()
             state, metrics = train_step(graphdef, state, batch, tx=tx, cfg=cfg.loss)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics = {k: float(multihost.host_array(v)) for k, v in metrics.items()}
             t_update = time.perf_counter() - t2
             if not metrics.pop("finite"):
                 raise NonFiniteError(
@@ -203,8 +271,8 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
                     f"stopped before updating. Last checkpoint: step {ckpt.latest_step()} in "
                     f"{workdir / 'checkpoints'}")
             grouped = rewards.reshape(-1, cfg.num_generations)
-            lengths = packed["response_mask"].sum(-1)
-            train_tokens = float(packed["attention_mask"].sum())
+            lengths = np.asarray([len(c.tokens) for _, c in rows], np.float32)
+            train_tokens = float(sum(len(it.prompt_tokens) + len(c.tokens) for it, c in rows))
             row = dict(
                 reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                 accuracy=float((rewards > 0).mean()),

@@ -197,7 +197,8 @@ def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tu
         tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
         transform_non_params=lambda _: whole)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), whole)
+    # created on the devices, so a mesh that spans several processes needs no host transfer
+    step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=whole)()
     return graphdef, TrainState(params, opt_state, step)
 
 
