@@ -110,7 +110,7 @@ PRESETS: dict[str, PipelineConfig] = {
         name="tiny", model=None, model_preset="tiny", num_questions=8, num_votes=4,
         corpus_max_docs=300, holdout_benchmark="medqa", holdout_seeds=8, holdout_real=8,
         label_threshold=0.5, label_max_new_tokens=16, label_recover=True, lenient_answers=True,
-        rl_self=_small_rl(2, 2, 4, 16, 256), rl_sup=_small_rl(2, 2, 4, 16, 256),
+        rl_self=_small_rl(2, 2, 4, 16, 1024), rl_sup=_small_rl(2, 2, 4, 16, 1024),
         eval_generations=2, eval_max_new_tokens=16, eval_items_per_benchmark=4),
     "smollm2": PipelineConfig(
         name="smollm2", model="asset:smollm2", model_preset=None, num_questions=16, num_votes=4,
