@@ -113,10 +113,10 @@ PRESETS: dict[str, PipelineConfig] = {
         rl_self=_small_rl(2, 2, 4, 16, 1024), rl_sup=_small_rl(2, 2, 4, 16, 1024),
         eval_generations=2, eval_max_new_tokens=16, eval_items_per_benchmark=4),
     "smollm2": PipelineConfig(
-        name="smollm2", model="asset:smollm2", model_preset=None, num_questions=16, num_votes=4,
+        name="smollm2", model="asset:smollm2", model_preset=None, num_questions=32, num_votes=4,
         holdout_benchmark="medqa", holdout_seeds=16, holdout_real=32,
         label_threshold=0.5, label_max_new_tokens=96, label_recover=True, lenient_answers=True,
-        rl_self=_small_rl(2, 2, 4, 96, 512), rl_sup=_small_rl(2, 2, 4, 96, 512),
+        rl_self=_small_rl(4, 2, 4, 96, 512), rl_sup=_small_rl(4, 2, 4, 96, 512),
         eval_generations=2, eval_max_new_tokens=96, eval_items_per_benchmark=8),
     "qwen3_8b_base": PipelineConfig(
         name="qwen3_8b_base", model=None, model_preset=None, dtype="bfloat16", param_dtype="float32",
