@@ -82,6 +82,8 @@ def build_config():
     if rl_over:
         def update(rl):
             rl = dataclasses.replace(rl, **rl_over)
+            if "temperature" in rl_over:  # old and new logprobs at the sampling temperature
+                rl = dataclasses.replace(rl, loss=dataclasses.replace(rl.loss, temperature=rl_over["temperature"]))
             if "steps" in rl_over:
                 rl = dataclasses.replace(rl, optim=dataclasses.replace(rl.optim, total_steps=rl_over["steps"]))
             return rl
@@ -98,9 +100,10 @@ def run_pipeline() -> Path:
     workdir = Path(FLAGS.workdir or f"runs/{cfg.name}")
     pipe = Pipeline(cfg, workdir, Inputs(model=FLAGS.model, seeds=FLAGS.seeds,
                                          real_data=FLAGS.real_data, benchmarks=FLAGS.benchmarks))
-    pipe.check_inputs()
+    stages = STAGES if FLAGS.stage == "all" else (FLAGS.stage,)
+    pipe.check_inputs(stages)
     try:
-        for stage in (STAGES if FLAGS.stage == "all" else (FLAGS.stage,)):
+        for stage in stages:
             pipe.run_stage(stage)
     finally:
         if distributed.is_main() and any((workdir / s / "manifest.json").exists() for s in STAGES):
@@ -121,7 +124,7 @@ def main(argv):
     try:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         report = run_pipeline()
-    except (ValueError, FileNotFoundError, ManifestMismatch, StageError, SynthesisError, NonFiniteError) as e:
+    except (ValueError, OSError, ManifestMismatch, StageError, SynthesisError, NonFiniteError) as e:
         raise SystemExit(f"{FLAGS.stage}: {e}") from None
     if distributed.is_main():
         print(f"{FLAGS.stage}: finished; summary in {report}", file=sys.stderr)

@@ -38,7 +38,9 @@ def resolve_model(path: str) -> str:
                                 f"run directory)")
     if p.is_dir() and not (p / "config.json").exists():
         for stage in TRAINED:
-            if (p / stage / "model" / "config.json").exists():
+            manifest = p / stage / "manifest.json"
+            if (p / stage / "model" / "config.json").exists() and manifest.exists() and \
+                    json.loads(manifest.read_text()).get("status") == "done":
                 return str(p / stage / "model")
         raise FileNotFoundError(f"{p}: neither an HF checkpoint (config.json) nor a run directory with a "
                                 f"trained policy ({', '.join(s + '/model' for s in TRAINED)})")
@@ -97,6 +99,16 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def agree(ok: bool) -> bool:
+    """Process 0's `ok`, on every process (itself with one process)."""
+    import jax
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
 def is_main() -> bool:
     import jax
     return jax.process_index() == 0
@@ -108,17 +120,19 @@ class Pipeline:
         self.run = RunDir(workdir)
         self._tokenizer = None
         self._mesh = None
+        self._model_input = None
 
     # --- models ---------------------------------------------------------------
-    def check_inputs(self) -> None:
-        """Fail fast, naming the flag, when a given input path does not exist."""
+    def check_inputs(self, stages=STAGES) -> None:
+        """Fail fast, naming the flag, when an input the given stages read does not exist."""
         from medssr_jax.data import eval_dir
         self.model_source()
         for flag, value in (("--seeds", self.inputs.seeds), ("--real_data", self.inputs.real_data)):
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{value}: no such file or directory ({flag})")
         bench = eval_dir(self.inputs.benchmarks)
-        if not bench.exists():
+        needs_bench = "eval" in stages or (self.uses_holdout() and {"synthesize", "rl_sup"} & set(stages))
+        if needs_bench and not bench.exists():
             raise FileNotFoundError(f"{bench}: no benchmark files; pass --benchmarks=<directory of MedSSR "
                                     f"JSON files> or set MEDSSR_EVAL_DIR")
 
@@ -404,9 +418,10 @@ class Pipeline:
                     summary=dict(summary, policy=self._trained_stage() or "base"))
 
     def export(self) -> dict:
-        src = self.run.root / "rl_sup" / "model"
-        if not (src / "config.json").exists():
-            src = self.run.root / "rl_self" / "model"
+        stage = self._trained_stage()
+        if stage is None:
+            raise ValueError("stage export needs a finished rl_self or rl_sup stage")
+        src = self.run.root / stage / "model"
         dst = self.run.stage_dir("export") / "model"
         if dst.exists():
             shutil.rmtree(dst)
@@ -415,12 +430,12 @@ class Pipeline:
 
     # --- orchestration --------------------------------------------------------
     def stage_inputs(self, stage: str) -> dict[str, str]:
-        src = self.model_source()
-        inputs = {"model": src if src.startswith("random:") else f"{Path(src).name} sha256:{file_digest(src)}"}
-        upstream = {"label": ["synthesize"], "rl_self": ["label"], "rl_sup": ["rl_self"],
-                    "export": ["rl_self"]}.get(stage, [])
-        if stage == "eval" and self._trained_stage():
+        inputs = {"model": self.model_input()}
+        upstream = {"label": ["synthesize"], "rl_self": ["label"], "rl_sup": ["rl_self"]}.get(stage, [])
+        if stage in ("eval", "export") and self._trained_stage():
             upstream = [self._trained_stage()]
+        elif stage == "export":
+            upstream = ["rl_self"]  # not finished: refused, naming it
         for up in upstream:
             inputs[f"stage:{up}"] = self.run.manifest_hash(up)
         if stage == "synthesize":
@@ -428,9 +443,46 @@ class Pipeline:
         if stage == "rl_sup":
             inputs["real_data"] = (file_digest(self.inputs.real_data) if self.inputs.real_data
                                    else self._holdout_input())
-        if stage == "eval" and self.uses_holdout():
-            inputs["held_out"] = self._holdout_input()
+        if stage == "eval":
+            from medssr_jax.data import eval_dir
+            inputs["benchmarks"] = file_digest(eval_dir(self.inputs.benchmarks))
+            if self.uses_holdout():
+                inputs["held_out"] = self._holdout_input()
         return inputs
+
+    def model_input(self) -> str:
+        """The base policy as a manifest input: the file name and its SHA-256 (hashed once per run)."""
+        if self._model_input is None:
+            src = self.model_source()
+            self._model_input = src if src.startswith("random:") else f"{Path(src).name} sha256:{file_digest(src)}"
+        return self._model_input
+
+    def stage_config(self, stage: str) -> dict:
+        """The settings that shape a stage's outputs (upstream settings reach it through the
+        upstream manifest hashes), so changing a later stage's settings does not refuse an
+        earlier finished stage. Batch sizes of sampled stages are effective (per device x
+        devices), since the sampling seeds follow the batches."""
+        cfg = dataclasses.asdict(self.cfg)
+        policy = ["name", "model", "model_preset", "dtype", "param_dtype", "remat", "chat_template", "mesh",
+                  "seed"]
+        fields = {
+            "synthesize": ["name", "seed", "alpha", "num_questions", "synth_model", "openai_base_url", "retrieval_k",
+                           "corpus_max_docs", "index_method", "holdout_benchmark", "holdout_seeds",
+                           "holdout_real"],
+            "label": policy + ["num_votes", "label_threshold", "label_max_new_tokens", "label_recover",
+                               "lenient_answers"],
+            "rl_self": policy + ["rl_self", "lenient_answers"],
+            "rl_sup": policy + ["rl_sup", "lenient_answers", "holdout_benchmark", "holdout_seeds", "holdout_real"],
+            "eval": policy + [k for k in cfg if k.startswith("eval_")] + ["holdout_benchmark", "holdout_seeds",
+                                                                          "holdout_real"],
+            "export": ["name"],
+        }[stage]
+        out = {k: cfg[k] for k in fields}
+        if stage == "label":
+            out["label_batch"] = self.cfg.label_batch_per_device * self.mesh().size
+        if stage == "eval":
+            out["eval_batch"] = self.cfg.eval_batch_per_device * self.mesh().size
+        return out
 
     def _holdout_input(self) -> str | None:
         if not self.cfg.holdout_benchmark:
@@ -448,7 +500,7 @@ class Pipeline:
         before and after each stage."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}, all")
-        config = dataclasses.asdict(self.cfg)
+        config = self.stage_config(stage)
         inputs = self.stage_inputs(stage)
         main = is_main()
         status = self.run.begin(stage, inputs, config, write=main)
@@ -457,7 +509,19 @@ class Pipeline:
             log(f"{stage}: finished earlier, skipped")
             return None
         log(f"{stage}: {'resuming' if status == 'resume' else 'starting'}")
-        result = getattr(self, stage)() if (main or stage not in HOST_STAGES) else None
+        if stage in HOST_STAGES:
+            result, error = None, None
+            if main:
+                try:
+                    result = getattr(self, stage)()
+                except Exception as e:  # noqa: BLE001  re-raised below, after telling the others
+                    error = e
+            if not agree(error is None):  # every process learns of process 0's failure
+                if error is not None:
+                    raise error
+                raise StageError(f"stage {stage} failed on process 0 (see its log)")
+        else:
+            result = getattr(self, stage)()
         if main:
             self.run.finish(stage, result["outputs"], result.get("summary"))
             log(f"{stage}: done {result.get('summary', {})}")

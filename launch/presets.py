@@ -80,6 +80,9 @@ class PipelineConfig:
                 (rl.num_generations >= 1, f"num_generations must be >= 1, got {rl.num_generations}"),
                 (rl.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {rl.max_new_tokens}"),
                 (rl.temperature > 0, f"temperature must be > 0, got {rl.temperature}"),
+                (rl.loss.temperature == rl.temperature,
+                 f"{name}: the loss temperature {rl.loss.temperature} differs from the rollout temperature "
+                 f"{rl.temperature}, so GRPO's ratio would be off-policy"),
             ]
         for ok, msg in checks:
             if not ok:

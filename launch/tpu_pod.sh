@@ -203,7 +203,7 @@ cmd_setup() {
         sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse
       fi
       sudo mkdir -p /mnt/"$GCS_BUCKET" && sudo chown "$(id -u):$(id -g)" /mnt/"$GCS_BUCKET"
-      mountpoint -q /mnt/"$GCS_BUCKET" || gcsfuse --implicit-dirs "$GCS_BUCKET" /mnt/"$GCS_BUCKET"'
+      mountpoint -q /mnt/"$GCS_BUCKET" || gcsfuse --implicit-dirs --metadata-cache-ttl-secs=0 "$GCS_BUCKET" /mnt/"$GCS_BUCKET"'
   fi
 
   local name uri

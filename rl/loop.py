@@ -19,6 +19,7 @@ them to the global batch; checkpoints are written by all processes together
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -229,7 +230,8 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
         state = ckpt.restore(start, state)
         log(f"resumed from step {start} in {workdir / 'checkpoints'}")
     writer = MetricsWriter(workdir / "metrics")
-    history: list[dict] = []
+    # a resumed run returns the whole history: steps up to the checkpoint from the metrics file
+    history: list[dict] = earlier_history(workdir / "metrics" / "metrics.jsonl", start) if start else []
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     try:
         for step in range(start, cfg.steps):
@@ -296,6 +298,22 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
         ckpt.close()
         writer.close()
     return nnx.merge(graphdef, state.params), history
+
+
+def earlier_history(path: str | os.PathLike, upto: int) -> list[dict]:
+    """The metric rows of steps 1..`upto` recorded by earlier runs (the last record of each
+    step, in step order); a line cut short by a kill is ignored."""
+    rows: dict[int, dict] = {}
+    path = Path(path)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and 1 <= int(row.get("step", 0)) <= upto:
+                rows[int(row["step"])] = row
+    return [rows[s] for s in sorted(rows)]
 
 
 def option_letter_reward(decode: Callable[[Sequence[int]], str], options: str = "ABCDE") -> RewardFn:

@@ -133,6 +133,8 @@ def _outputs(workdir: Path) -> dict:
         "rl_sup": _digest(workdir / "rl_sup" / "model"),
         "eval": {b: [it["predictions"] for it in r["items"]] for b, r in results["benchmarks"].items()},
         "export": _digest(workdir / "export" / "model"),
+        "history": {s: [(h["step"], h["reward_mean"], h["loss"]) for h in
+                        json.loads((workdir / s / "history.json").read_text())] for s in ("rl_self", "rl_sup")},
     }
 
 
@@ -152,7 +154,15 @@ def test_all_resumes_after_a_kill_in_every_stage(tmp_path):
     rc, err, _ = run_cli(args + [f"--workdir={tmp_path / 'straight'}"])
     assert rc == 0, err
     expected = _outputs(tmp_path / "straight")
-    assert "| rl_sup | 3 |" in (tmp_path / "straight" / "report.md").read_text()
+    report = (tmp_path / "straight" / "report.md").read_text()
+    for stage in STAGES:
+        assert re.search(rf"^\| {stage} \| done \| \d+ \|", report, re.MULTILINE), stage
+    assert "| rl_sup | 3 |" in report and "## Pseudo-labels" in report and "| medqa | " in report
+    for png in ("reward_curves.png", "eval/accuracy.png"):
+        assert f"]({png})" in report
+        assert (tmp_path / "straight" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from launch.pipeline import resolve_model  # --model=<run directory>: its latest policy
+    assert resolve_model(str(tmp_path / "straight")) == str(tmp_path / "straight" / "export" / "model")
 
     work = tmp_path / "killed"
     errs = []

@@ -32,6 +32,14 @@ def test_synthesize_and_label_then_skip_and_refuse(tmp_path):
     assert again.run_stage("synthesize") is None and again.run_stage("label") is None
     with pytest.raises(ManifestMismatch, match=r"stage 'synthesize' ran with different alpha"):
         Pipeline(cfg.replace(alpha=0.9), tmp_path, Inputs()).run_stage("synthesize")
+    # settings of later stages do not touch finished earlier ones
+    import dataclasses
+    later = cfg.replace(eval_generations=3, rl_self=dataclasses.replace(cfg.rl_self, steps=5))
+    assert Pipeline(later, tmp_path, Inputs()).run_stage("label") is None
+    with pytest.raises(ManifestMismatch, match=r"stage 'label' ran with different num_votes"):
+        Pipeline(cfg.replace(num_votes=2), tmp_path, Inputs()).run_stage("label")
+    with pytest.raises(ManifestMismatch, match=r"stage 'rl_self' has not finished"):
+        Pipeline(cfg, tmp_path, Inputs()).run_stage("export")
 
 
 def test_rl_self_without_kept_labels_fails_clearly(tmp_path):
@@ -106,3 +114,11 @@ def test_policy_loading_follows_the_preset(tmp_path):
         Pipeline(paper, tmp_path / "p", Inputs()).model_source()
     with pytest.raises(FileNotFoundError, match=r"neither an HF checkpoint .* nor a run directory"):
         Pipeline(cfg, tmp_path / "q", Inputs(model=str(tmp_path))).model_source()
+
+
+def test_rollout_and_loss_temperatures_must_match():
+    import dataclasses
+    cfg = pipeline_preset("tiny")
+    bad = cfg.replace(rl_self=dataclasses.replace(cfg.rl_self, temperature=0.7))
+    with pytest.raises(ValueError, match=r"rl_self: the loss temperature 1.0 differs from the rollout"):
+        bad.validate()
