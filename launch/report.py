@@ -68,7 +68,8 @@ def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> P
             lines.append(f"| {stage} | not run | | |")
             continue
         secs = f"{m['seconds']:.0f}" if "seconds" in m else ""
-        lines.append(f"| {stage} | {m.get('status')} | {secs} | {_fmt(m.get('summary') or {})} |")
+        flat = {k: v for k, v in (m.get("summary") or {}).items() if not isinstance(v, (dict, list))}
+        lines.append(f"| {stage} | {m.get('status')} | {secs} | {_fmt(flat)} |")  # details: sections below
     first = next((m for m in manifests.values() if m), None)
     if first:
         lines += ["", f"Model input: `{first['inputs'].get('model')}`; code version "
