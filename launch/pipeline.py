@@ -18,8 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
+from launch.distributed import is_main
 from launch.presets import PipelineConfig
 from launch.rundir import RunDir, file_digest, write_json_atomic
+from medssr_jax import multihost
 
 STAGES = ("synthesize", "label", "rl_self", "rl_sup", "eval", "export")
 HOST_STAGES = ("synthesize", "export")  # no JAX collectives: process 0 alone runs them
@@ -86,32 +90,8 @@ def read_real_data(path: str | os.PathLike):
 
 def log(msg: str) -> None:
     """Progress on stderr, from process 0 only."""
-    import jax
-    if jax.process_index() == 0:
+    if is_main():
         print(msg, file=sys.stderr, flush=True)
-
-
-def barrier(name: str) -> None:
-    """Wait for every process (no-op with one)."""
-    import jax
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def agree(ok: bool) -> bool:
-    """Process 0's `ok`, on every process (itself with one process)."""
-    import jax
-    if jax.process_count() == 1:
-        return ok
-    import numpy as np
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-
-
-def is_main() -> bool:
-    import jax
-    return jax.process_index() == 0
 
 
 class Pipeline:
@@ -121,6 +101,7 @@ class Pipeline:
         self._tokenizer = None
         self._mesh = None
         self._model_input = None
+        self._holdout = None
 
     # --- models ---------------------------------------------------------------
     def check_inputs(self, stages=STAGES) -> None:
@@ -204,8 +185,8 @@ class Pipeline:
         cfg = self.cfg
         if not cfg.holdout_benchmark:
             return [], [], set()
-        import numpy as np
-
+        if self._holdout is not None:
+            return self._holdout
         from medssr_jax.data import eval_dir, read_medssr_eval
         path = eval_dir(self.inputs.benchmarks) / f"{cfg.holdout_benchmark}.json"
         if not path.is_file():
@@ -215,7 +196,8 @@ class Pipeline:
         order = np.random.default_rng(cfg.seed).permutation(len(records))
         seeds = [records[i] for i in order[:cfg.holdout_seeds]]
         real = [records[i] for i in order[cfg.holdout_seeds:cfg.holdout_seeds + cfg.holdout_real]]
-        return seeds, real, {r.id for r in seeds + real}
+        self._holdout = seeds, real, {r.id for r in seeds + real}
+        return self._holdout
 
     def uses_holdout(self) -> bool:
         return bool(self.cfg.holdout_benchmark) and not (self.inputs.seeds and self.inputs.real_data)
@@ -385,8 +367,6 @@ class Pipeline:
         return None
 
     def benchmark_records(self) -> dict[str, list]:
-        import numpy as np
-
         from medssr_jax.data import eval_dir, read_medssr_eval
         src = eval_dir(self.inputs.benchmarks)
         if not src.exists():
@@ -504,7 +484,7 @@ class Pipeline:
         inputs = self.stage_inputs(stage)
         main = is_main()
         status = self.run.begin(stage, inputs, config, write=main)
-        barrier(f"begin:{stage}")
+        multihost.barrier(f"begin:{stage}")
         if status == "skip":
             log(f"{stage}: finished earlier, skipped")
             return None
@@ -516,7 +496,7 @@ class Pipeline:
                     result = getattr(self, stage)()
                 except Exception as e:  # noqa: BLE001  re-raised below, after telling the others
                     error = e
-            if not agree(error is None):  # every process learns of process 0's failure
+            if not multihost.broadcast_from_main(np.int32(error is None)):  # process 0's failure, everywhere
                 if error is not None:
                     raise error
                 raise StageError(f"stage {stage} failed on process 0 (see its log)")
@@ -525,5 +505,5 @@ class Pipeline:
         if main:
             self.run.finish(stage, result["outputs"], result.get("summary"))
             log(f"{stage}: done {result.get('summary', {})}")
-        barrier(f"finish:{stage}")
+        multihost.barrier(f"finish:{stage}")
         return result
