@@ -79,6 +79,7 @@ __all__ = [
     "evaluate",
     "greedy_predictions",
     "option_letter_ids",
+    "recover_letters",
     "recovery_context",
     "recovery_letters",
     "write_results",
@@ -266,6 +267,15 @@ def restricted_argmax(model, contexts: Sequence[Sequence[int]], letter_ids: Sequ
     return choice, scores
 
 
+def recover_letters(model, contexts: Sequence[Sequence[int]], letter_sets: Sequence[str],
+                    letter_tokens: LetterTokens, *, batch_size: int = 8, pad_id: int = 0) -> list[str]:
+    """The recovery pass: for each context (:func:`recovery_context`), the letter of its
+    ``letter_sets`` entry whose token has the largest next-token logit."""
+    choice, _ = restricted_argmax(model, contexts, [[letter_tokens.ids[x] for x in ls] for ls in letter_sets],
+                                  batch_size=batch_size, pad_id=pad_id)
+    return [ls[j] for ls, j in zip(letter_sets, choice)]
+
+
 # --- evaluation ---------------------------------------------------------------
 
 def _default_eos(model, tokenizer, template: str) -> list[int]:
@@ -385,12 +395,11 @@ def evaluate(model, tokenizer, records_by_benchmark: Mapping[str, Sequence], *, 
 
     tr = time.perf_counter()
     if pending:
-        choice, _ = restricted_argmax(
-            model, [p[2] for p in pending],
-            [[letter_tokens.ids[x] for x in p[3]] for p in pending],
-            batch_size=recovery_batch_size, pad_id=int(getattr(tokenizer, "pad_token_id", None) or 0))
-        for (item, g, _, letters), j in zip(pending, choice):
-            item["predictions"][g] = letters[j]
+        read = recover_letters(model, [p[2] for p in pending], [p[3] for p in pending], letter_tokens,
+                               batch_size=recovery_batch_size,
+                               pad_id=int(getattr(tokenizer, "pad_token_id", None) or 0))
+        for (item, g, _, _), letter in zip(pending, read):
+            item["predictions"][g] = letter
             item["recovered"][g] = True
     stats["recovery_seconds"] = time.perf_counter() - tr
 

@@ -180,12 +180,11 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
             answers_of.append(answers)
         recovered = Counter()
         if pending:
-            from medssr_jax.evaluation import restricted_argmax
-            choice, _ = restricted_argmax(model, [p[2] for p in pending],
-                                          [[letter_tokens.ids[x] for x in p[3]] for p in pending],
-                                          pad_id=int(getattr(tokenizer, "pad_token_id", None) or 0))
-            for (row, v, _, letters), j in zip(pending, choice):
-                answers_of[row][v] = letters[j]
+            from medssr_jax.evaluation import recover_letters
+            read = recover_letters(model, [p[2] for p in pending], [p[3] for p in pending], letter_tokens,
+                                   pad_id=int(getattr(tokenizer, "pad_token_id", None) or 0))
+            for (row, v, _, _), letter in zip(pending, read):
+                answers_of[row][v] = letter
                 recovered[row] += 1
         for row, (ident, q, opts, intended) in enumerate(chunk):
             answers = answers_of[row]
