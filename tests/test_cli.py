@@ -3,7 +3,6 @@ every stage then rerun (outputs equal to an uninterrupted run's)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.rundir import file_digest
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,24 +115,15 @@ def test_api_synthesis_from_the_command_line(tmp_path):
     assert rc != 0 and "ran with different synth_model" in err
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if p.is_file():
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def _outputs(workdir: Path) -> dict:
     results = json.loads((workdir / "eval" / "results.json").read_text())
     return {
-        "synthetic": _digest(workdir / "synthesize" / "synthetic.jsonl"),
-        "labels": _digest(workdir / "label" / "pseudo_labelled.jsonl"),
-        "rl_self": _digest(workdir / "rl_self" / "model"),
-        "rl_sup": _digest(workdir / "rl_sup" / "model"),
+        "synthetic": file_digest(workdir / "synthesize" / "synthetic.jsonl"),
+        "labels": file_digest(workdir / "label" / "pseudo_labelled.jsonl"),
+        "rl_self": file_digest(workdir / "rl_self" / "model"),
+        "rl_sup": file_digest(workdir / "rl_sup" / "model"),
         "eval": {b: [it["predictions"] for it in r["items"]] for b, r in results["benchmarks"].items()},
-        "export": _digest(workdir / "export" / "model"),
+        "export": file_digest(workdir / "export" / "model"),
         "history": {s: [(h["step"], h["reward_mean"], h["loss"]) for h in
                         json.loads((workdir / s / "history.json").read_text())] for s in ("rl_self", "rl_sup")},
     }
