@@ -7,13 +7,15 @@ Stages, in order (each reads what the earlier ones wrote into --workdir):
               prompts carries rare-disease knowledge retrieved from the HPO
               profiles (MiniLM embeddings, ScaNN index). Generator: an
               OpenAI-compatible endpoint (--openai_base_url, key from
-              OPENAI_API_KEY), else the offline HPO generator.
-  label       --num_votes sampled answers per question from the policy; the
-              majority answer is kept as the label when its share of the votes
-              is >= --label_threshold.
+              OPENAI_API_KEY), or the offline HPO generator (--synth_generator).
+  label       --num_votes sampled answers per question from the policy, on the
+              evaluation prompt; the majority answer is kept as the label when
+              its share of the votes exceeds --label_threshold.
   rl_self     GRPO on the pseudo-labelled questions.
-  rl_sup      GRPO on human-labelled questions (--real_data).
-  eval        the MedSSR evaluation protocol on the benchmark files.
+  rl_sup      GRPO on human-labelled questions (--real_data), from rl_self's policy.
+  rl_mixed    with --rl_mode=mixed, one GRPO stage over both sets instead.
+  eval        the MedSSR evaluation protocol (the authors' harness) on the
+              benchmark files, for each of --eval_policies.
   export      the trained policy as a safetensors checkpoint.
   all         every stage in order; finished stages are skipped, an interrupted
               one resumes. report.md in --workdir summarises the run.
@@ -29,21 +31,28 @@ from absl import app, flags, logging
 from medssr_jax.data import DEFAULT_EVAL_DIR
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("stage", "all", ["synthesize", "label", "rl_self", "rl_sup", "eval", "export", "all"],
+flags.DEFINE_enum("stage", "all", ["synthesize", "label", "rl_self", "rl_sup", "rl_mixed", "eval", "export", "all"],
                   "Which stage to run, or all of them in order (finished stages are skipped, an "
                   "interrupted one resumes).")
 flags.DEFINE_string("config", "smollm2", "Pipeline preset: tiny (random tiny model, for tests), smollm2 "
                     "(the embedded default, a 2-core CPU), qwen3_8b_base, llama31_8b_instruct (the paper).")
-flags.DEFINE_string("real_data", None, "Human-labelled questions for rl_sup (MedSSR JSON, or MedQA / MedMCQA / "
-                    "HeadQA in their release formats); default for tiny/smollm2: a held-out slice of "
-                    "<benchmarks>/medqa.json, left out of evaluation.")
-flags.DEFINE_float("alpha", None, "Share of synthesis prompts with injected rare-disease knowledge.")
+flags.DEFINE_multi_string("real_data", None, "Human-labelled questions for stage 2 (repeat the flag or "
+                          "comma-separate several sources; PATH@N caps a source at a seeded sample of N): MedSSR "
+                          "JSON, or MedQA / MedMCQA / HeadQA in their release formats; default for tiny/smollm2: a "
+                          "held-out slice of <benchmarks>/medqa.json, left out of evaluation.")
+flags.DEFINE_integer("real_cap", None, "At most this many questions from each --real_data source (seeded sample).")
+flags.DEFINE_float("alpha", None, "Share of synthesis prompts with injected rare-disease knowledge (0: the "
+                   "ablation without knowledge injection).")
 flags.DEFINE_integer("num_questions", None, "Synthetic questions to generate (one per planned prompt).")
 flags.DEFINE_string("seeds", None, "Seed questions to pair for synthesis (same formats as --real_data); "
                     "default for tiny/smollm2: a held-out slice of <benchmarks>/medqa.json.")
 flags.DEFINE_string("openai_base_url", None, "OpenAI-compatible endpoint for question synthesis "
-                    "(key from OPENAI_API_KEY); unset: the offline HPO generator.")
+                    "(key from OPENAI_API_KEY).")
+flags.DEFINE_enum("synth_generator", None, ["auto", "api", "offline"], "Question generator: api (the "
+                  "endpoint), offline (the HPO generator, not the paper's), auto (api with an endpoint; the paper "
+                  "presets refuse to fall back to offline).")
 flags.DEFINE_string("synth_model", None, "Generator model name for API synthesis (preset default gpt-4.1).")
+flags.DEFINE_integer("retrieval_k", None, "Passages retrieved and injected per rare-disease prompt.")
 flags.DEFINE_string("workdir", None, "Run directory (created if missing; default runs/<config>).")
 flags.DEFINE_string("model", None, "Policy: HF checkpoint directory, .gguf file, or a run directory (its "
                     "latest trained policy); default: the preset's (smollm2: SmolLM2-135M-Instruct "
@@ -51,11 +60,34 @@ flags.DEFINE_string("model", None, "Policy: HF checkpoint directory, .gguf file,
 flags.DEFINE_string("benchmarks", None, "Directory (or one file) of MedSSR-format benchmark JSON "
                     f"(default: $MEDSSR_EVAL_DIR or {DEFAULT_EVAL_DIR}).")
 flags.DEFINE_integer("num_votes", None, "Sampled answers per question for the majority vote (preset default).")
-flags.DEFINE_float("label_threshold", None, "Keep a pseudo-label when its vote share is >= this.")
+flags.DEFINE_float("label_threshold", None, "Keep a pseudo-label when its vote share exceeds this (0: the "
+                   "ablation without filtering).")
+flags.DEFINE_enum("label_keep", None, ["gt", "ge"], "Keep rule: gt, vote share > threshold (the paper); ge, >=.")
 flags.DEFINE_integer("max_new_tokens", None, "New tokens per sampled answer when labelling and in GRPO rollouts.")
 flags.DEFINE_float("temperature", None, "GRPO rollout temperature (preset default 1.0).")
 flags.DEFINE_integer("steps", None, "GRPO steps of each RL stage.")
 flags.DEFINE_integer("num_generations", None, "GRPO responses per prompt.")
+flags.DEFINE_list("skip_stages", None, "Stages --stage=all leaves out, e.g. rl_self (the ablation without "
+                  "the self-supervised stage: stage 2 starts from the base policy).")
+flags.DEFINE_enum("rl_mode", None, ["two_stage", "mixed"], "two_stage: rl_self then rl_sup (the paper); "
+                  "mixed: one GRPO stage (rl_mixed) over the kept synthetic and the real questions together.")
+flags.DEFINE_float("mix_ratio", None, "rl_mode=mixed: share of real questions in the pool (default: all "
+                   "items of both).")
+flags.DEFINE_enum("eval_protocol", None, ["medssr", "legacy"], "Question protocol of labelling, GRPO and "
+                  "evaluation: medssr (the authors' evaluation harness, every preset's default) or legacy (this "
+                  "project's earlier protocol, not comparable with the paper).")
+flags.DEFINE_integer("eval_num_generations", None, "Evaluation: sampled generations per question (4).")
+flags.DEFINE_float("eval_temperature", None, "Evaluation: sampling temperature (0.6; 0 decodes greedily).")
+flags.DEFINE_float("eval_top_p", None, "Evaluation: top-p (0.95).")
+flags.DEFINE_integer("eval_top_k", None, "Evaluation: top-k (20; 0 turns it off).")
+flags.DEFINE_integer("eval_max_new_tokens", None, "Evaluation: new tokens per generation (2048).")
+flags.DEFINE_integer("eval_items", None, "Evaluation: a seeded sample of this many items per benchmark file.")
+flags.DEFINE_string("eval_filter", None, "Evaluation: only records whose field of this name is true, e.g. "
+                    "is_reasoning (the reasoning-intensive subset the files mark).")
+flags.DEFINE_list("eval_policies", None, "Evaluation: the policies of the run to evaluate: base, rl_self, rl_sup, "
+                  "rl_mixed, latest (default base,latest).")
+flags.DEFINE_boolean("eval_allow_partial", None, "Evaluation: score a benchmark file that lost records to read "
+                     "errors (recorded as partial) instead of failing.")
 flags.DEFINE_integer("seed", None, "Seed for planning, sampling and training (preset default 0).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs "
                     "(default: $MEDSSR_COORDINATOR_ADDRESS; detected automatically on Cloud TPU VMs).")
@@ -71,12 +103,19 @@ def build_config():
     import dataclasses
 
     from launch.presets import pipeline_preset
-    overrides = {k: v for k, v in dict(alpha=FLAGS.alpha, num_questions=FLAGS.num_questions,
-                                       openai_base_url=FLAGS.openai_base_url, synth_model=FLAGS.synth_model,
-                                       num_votes=FLAGS.num_votes, label_threshold=FLAGS.label_threshold,
-                                       label_max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed).items()
-                 if v is not None}
-    cfg = pipeline_preset(FLAGS.config, **overrides)
+    tuples = {k: tuple(v) for k, v in dict(skip_stages=FLAGS.skip_stages, eval_policies=FLAGS.eval_policies).items()
+              if v is not None}
+    overrides = {k: v for k, v in dict(
+        alpha=FLAGS.alpha, num_questions=FLAGS.num_questions, openai_base_url=FLAGS.openai_base_url,
+        synth_generator=FLAGS.synth_generator, synth_model=FLAGS.synth_model, retrieval_k=FLAGS.retrieval_k,
+        num_votes=FLAGS.num_votes, label_threshold=FLAGS.label_threshold, label_keep=FLAGS.label_keep,
+        label_max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, real_cap=FLAGS.real_cap,
+        rl_mode=FLAGS.rl_mode, mix_ratio=FLAGS.mix_ratio, eval_protocol=FLAGS.eval_protocol,
+        eval_generations=FLAGS.eval_num_generations, eval_temperature=FLAGS.eval_temperature,
+        eval_top_p=FLAGS.eval_top_p, eval_top_k=FLAGS.eval_top_k, eval_max_new_tokens=FLAGS.eval_max_new_tokens,
+        eval_items_per_benchmark=FLAGS.eval_items, eval_filter=FLAGS.eval_filter,
+        eval_allow_partial=FLAGS.eval_allow_partial).items() if v is not None}
+    cfg = pipeline_preset(FLAGS.config, **overrides, **tuples)
     rl_over = {k: v for k, v in dict(num_generations=FLAGS.num_generations, max_new_tokens=FLAGS.max_new_tokens,
                                      temperature=FLAGS.temperature, steps=FLAGS.steps).items() if v is not None}
     if rl_over:
@@ -94,13 +133,15 @@ def build_config():
 
 def run_pipeline() -> Path:
     from launch import distributed
-    from launch.pipeline import STAGES, Inputs, Pipeline
+    from launch.pipeline import STAGES, Inputs, Pipeline, stages_for
     from launch.report import write_report
     cfg = build_config()
     workdir = Path(FLAGS.workdir or f"runs/{cfg.name}")
     pipe = Pipeline(cfg, workdir, Inputs(model=FLAGS.model, seeds=FLAGS.seeds,
-                                         real_data=FLAGS.real_data, benchmarks=FLAGS.benchmarks))
-    stages = STAGES if FLAGS.stage == "all" else (FLAGS.stage,)
+                                         real_data=tuple(FLAGS.real_data or ()), benchmarks=FLAGS.benchmarks))
+    stages = stages_for(cfg) if FLAGS.stage == "all" else (FLAGS.stage,)
+    if FLAGS.stage != "all" and FLAGS.stage in cfg.skip_stages:
+        raise ValueError(f"stage {FLAGS.stage} is in --skip_stages")
     pipe.check_inputs(stages)
     try:
         for stage in stages:

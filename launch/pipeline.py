@@ -25,9 +25,17 @@ from launch.presets import PipelineConfig
 from launch.rundir import RunDir, file_digest, write_json_atomic
 from medssr_jax import multihost
 
-STAGES = ("synthesize", "label", "rl_self", "rl_sup", "eval", "export")
+STAGES = ("synthesize", "label", "rl_self", "rl_sup", "rl_mixed", "eval", "export")
 HOST_STAGES = ("synthesize", "export")  # no JAX collectives: process 0 alone runs them
-TRAINED = ("export", "rl_sup", "rl_self")  # where a run directory keeps its policy, newest first
+TRAINED = ("export", "rl_sup", "rl_mixed", "rl_self")  # where a run directory keeps its policy, newest first
+GRPO_STAGES = ("rl_self", "rl_sup", "rl_mixed")
+
+
+def stages_for(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The stages `--stage=all` runs: the paper's two GRPO stages (or the mixed
+    single stage) in order, less the ones the preset skips."""
+    grpo = ("rl_mixed",) if cfg.rl_mode == "mixed" else ("rl_self", "rl_sup")
+    return tuple(s for s in ("synthesize", "label", *grpo, "eval", "export") if s not in cfg.skip_stages)
 
 
 class StageError(RuntimeError):
@@ -55,8 +63,24 @@ def resolve_model(path: str) -> str:
 class Inputs:
     model: str | None = None       # HF dir / .gguf; None: the preset's source
     seeds: str | None = None       # seed questions for API synthesis (MedSSR JSON / JSONL)
-    real_data: str | None = None   # human-labelled questions for rl_sup
-    benchmarks: str | None = None  # directory (or files) of MedSSR-format JSON
+    real_data: tuple[str, ...] = ()  # human-labelled question sources for stage 2 ("path" or "path@cap")
+    benchmarks: str | None = None  # directory (or one file) of MedSSR-format JSON
+
+    def __post_init__(self):
+        if isinstance(self.real_data, str):
+            self.real_data = (self.real_data,)
+        self.real_data = tuple(x.strip() for entry in (self.real_data or ()) for x in str(entry).split(",")
+                               if x.strip())
+
+
+def real_source(spec: str) -> tuple[str, int | None]:
+    """``path`` or ``path@cap`` -> (path, cap)."""
+    path, sep, cap = spec.rpartition("@")
+    if not sep or not path:
+        return spec, None
+    if not cap.isdigit() or int(cap) < 1:
+        raise ValueError(f"--real_data {spec!r}: the cap after @ must be a positive integer")
+    return path, int(cap)
 
 
 def read_real_data(path: str | os.PathLike):
@@ -108,14 +132,31 @@ class Pipeline:
         """Fail fast, naming the flag, when an input the given stages read does not exist."""
         from medssr_jax.data import eval_dir
         self.model_source()
-        for flag, value in (("--seeds", self.inputs.seeds), ("--real_data", self.inputs.real_data)):
+        sources = [("--seeds", self.inputs.seeds)] + [("--real_data", real_source(x)[0]) for x in self.inputs.real_data]
+        for flag, value in sources:
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{value}: no such file or directory ({flag})")
-        bench = eval_dir(self.inputs.benchmarks)
-        needs_bench = "eval" in stages or (self.uses_holdout() and {"synthesize", "rl_sup"} & set(stages))
-        if needs_bench and not bench.exists():
-            raise FileNotFoundError(f"{bench}: no benchmark files; pass --benchmarks=<directory of MedSSR "
-                                    f"JSON files> or set MEDSSR_EVAL_DIR")
+        if "eval" in stages and not eval_dir(self.inputs.benchmarks).exists():
+            raise FileNotFoundError(f"{eval_dir(self.inputs.benchmarks)}: no benchmark files; pass --benchmarks="
+                                    f"<directory or file of MedSSR JSON> or set MEDSSR_EVAL_DIR")
+        if self.uses_holdout() and {"synthesize", "rl_sup", "rl_mixed"} & set(stages) \
+                and not self.holdout_path().is_file():
+            raise FileNotFoundError(f"{self.holdout_path()}: the {self.cfg.name} preset holds its seed and stage-2 "
+                                    f"questions out of this file; pass --benchmarks=<directory holding it>, or "
+                                    f"--seeds and --real_data")
+        if "synthesize" in stages:
+            self.generator()
+
+    def generator(self) -> str:
+        """The question generator of the synthesis stage: ``api`` or ``offline``."""
+        cfg = self.cfg
+        if cfg.synth_generator == "api" or (cfg.synth_generator == "auto" and cfg.openai_base_url):
+            return "api"
+        if cfg.synth_generator == "auto" and not cfg.allow_offline_synthesis:
+            raise ValueError(f"the {cfg.name} preset synthesizes with an LLM endpoint: pass --openai_base_url "
+                             f"(key from OPENAI_API_KEY), or --synth_generator=offline for the offline HPO "
+                             f"generator (not the paper's)")
+        return "offline"
 
     def model_source(self) -> str:
         if self.inputs.model:
@@ -176,19 +217,26 @@ class Pipeline:
                 lambda ids: tok.decode(list(ids), skip_special_tokens=True))
 
     # --- data -----------------------------------------------------------------
+    def holdout_path(self) -> Path:
+        """The benchmark file the small presets hold seeds and stage-2 questions out
+        of: ``<holdout_benchmark>.json`` in --benchmarks (a directory) or beside it (a file)."""
+        from medssr_jax.data import eval_dir
+        d = eval_dir(self.inputs.benchmarks)
+        return (d if d.is_dir() or not d.suffix else d.parent) / f"{self.cfg.holdout_benchmark}.json"
+
     def holdout(self) -> tuple[list, list, set[str]]:
         """(seed questions, human-labelled questions, their ids) held out of the
         preset's benchmark when --seeds / --real_data are not given: a seeded
-        permutation of ``<benchmarks>/<holdout_benchmark>.json`` gives the first
-        ``holdout_seeds`` records as seeds and the next ``holdout_real`` as
-        stage-2 data; evaluation leaves all of them out."""
+        permutation of :meth:`holdout_path` gives the first ``holdout_seeds``
+        records as seeds and the next ``holdout_real`` as stage-2 data;
+        evaluation of that file leaves all of them out."""
         cfg = self.cfg
         if not cfg.holdout_benchmark:
             return [], [], set()
         if self._holdout is not None:
             return self._holdout
-        from medssr_jax.data import eval_dir, read_medssr_eval
-        path = eval_dir(self.inputs.benchmarks) / f"{cfg.holdout_benchmark}.json"
+        from medssr_jax.data import read_medssr_eval
+        path = self.holdout_path()
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the {cfg.name} preset holds its seed and stage-2 questions out "
                                     f"of this file; pass --benchmarks, or --seeds and --real_data")
@@ -253,7 +301,7 @@ class Pipeline:
         seeds = self.seed_questions()
         diseases, _, retriever = self.knowledge()
         entities = sorted({d.name for d in diseases})
-        if cfg.openai_base_url:
+        if self.generator() == "api":
             from synth.synthesize import synthesize
             report = synthesize(seeds, out, n_prompts=cfg.num_questions, alpha=cfg.alpha, entities=entities,
                                 retriever=retriever, k_docs=cfg.retrieval_k, seed=cfg.seed,
@@ -269,16 +317,23 @@ class Pipeline:
             return dict(outputs={"synthetic": "synthetic.jsonl"}, summary=summary)
         from synth.offline import generate_for_plan, write_offline
         specs = plan_prompts(seeds, cfg.num_questions, alpha=cfg.alpha, entities=entities, seed=cfg.seed)
-        items = generate_for_plan(specs, diseases, retriever, k_docs=cfg.retrieval_k)
+        items = generate_for_plan(specs, diseases, retriever, k_docs=cfg.retrieval_k, seeds=seeds)
         write_offline(items, out / "synthetic.jsonl.tmp")
         os.replace(out / "synthetic.jsonl.tmp", out / "synthetic.jsonl")
         return dict(outputs={"synthetic": "synthetic.jsonl"},
                     summary={"items": len(items), "seeds": len(seeds), "rare_ratio": rare_ratio(specs),
-                             "generator": "offline-hpo"})
+                             "alpha": cfg.alpha, "generator": "offline-hpo"})
 
     @staticmethod
     def _count_lines(path) -> int:
         return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+    def prompter(self, mcfg):
+        """The question protocol of this run for the policy ``mcfg``: prompts, answer
+        reading and recovery shared by labelling, both GRPO stages and evaluation."""
+        from medssr_jax.protocol import Prompter
+        return Prompter(self.tokenizer(), mcfg.chat_template, family=mcfg.family,
+                        protocol=self.cfg.eval_protocol, lenient=self.cfg.lenient_answers)
 
     def label(self) -> dict:
         from synth.pseudo_label import pseudo_label
@@ -288,23 +343,30 @@ class Pipeline:
         items = [SynthItem.from_dict(json.loads(line)) for line in src.read_text().splitlines() if line]
         model, mcfg = self.load_policy()
         _, summary = pseudo_label(model, self.tokenizer(), items, n=cfg.num_votes, threshold=cfg.label_threshold,
-                                  template=mcfg.chat_template, max_new_tokens=cfg.label_max_new_tokens,
+                                  keep=cfg.label_keep, prompter=self.prompter(mcfg),
+                                  max_new_tokens=cfg.label_max_new_tokens,
                                   temperature=1.0, seed=cfg.seed, out_dir=out if is_main() else None,
-                                  recover=cfg.label_recover, lenient=cfg.lenient_answers,
+                                  recover=cfg.label_recover,
                                   batch_size=cfg.label_batch_per_device * self.mesh().size)
         return dict(outputs={"pseudo_labelled": "pseudo_labelled.jsonl"}, summary=summary)
 
-    def _rl(self, stage: str, rl_cfg, records: list[tuple[str, str, dict, str]], start_from: str | None) -> dict:
+    def start_policy(self, stage: str) -> str | None:
+        """The finished stage whose policy a GRPO stage starts from (None: the base model)."""
+        if stage == "rl_sup" and "rl_self" not in self.cfg.skip_stages:
+            return "rl_self"
+        return None
+
+    def _rl(self, stage: str, rl_cfg, records: list[tuple[str, str, dict, str]], start_from: str | None,
+            summary: dict | None = None) -> dict:
         import models
         from rl.loop import RLItem, run_grpo
-        from synth.pseudo_label import build_prompt
         out = self.run.stage_dir(stage)
         if not records:
             raise ValueError(f"stage {stage}: no training items (all pseudo-labels dropped or no real data)")
         model, mcfg = self.load_policy(start_from)
-        encode, decode = self.codec()
-        items = [RLItem(rid, tuple(encode(build_prompt(q, opts, mcfg.chat_template))), label)
-                 for rid, q, opts, label in records]
+        _, decode = self.codec()
+        prompter = self.prompter(mcfg)
+        items = [RLItem(rid, tuple(prompter.prompt_ids(q, opts)), label) for rid, q, opts, label in records]
         # verl drops prompts over max_prompt_len; rows are padded to the longest prompt left,
         # rounded up to 64 tokens, rather than to the limit
         over = [it for it in items if len(it.prompt_tokens) > rl_cfg.max_prompt_len]
@@ -321,12 +383,10 @@ class Pipeline:
         ref = None
         if rl_cfg.loss.kl_coef != 0:
             ref, _ = self.load_policy(start_from)
-        from medssr_jax.answers import option_reward
-        lenient = self.cfg.lenient_answers
-
-        def reward(item, completion) -> float:  # 1 when the read option letter is the item's label
-            return option_reward(decode(completion.tokens), item.label, letters_of[item.id], lenient=lenient)
         letters_of = {rid: "".join(opts) for rid, _, opts, _ in records}
+
+        def reward(item, completion) -> float:  # 1 when the protocol reads the item's label
+            return 1.0 if prompter.read(decode(completion.tokens), letters_of[item.id]) == item.label else 0.0
         tok = self.tokenizer()
         trained, history = run_grpo(model, items, reward, rl_cfg, out,
                                     ref_model=ref, eos_ids=list(mcfg.eos_token_ids),
@@ -335,72 +395,184 @@ class Pipeline:
         if is_main():
             write_json_atomic(out / "history.json", history)
         return dict(outputs={"model": "model", "history": "history.json"},
-                    summary={"steps": len(history),
+                    summary={"steps": len(history), "items": len(items), "dropped_long_prompts": len(over),
+                             "start_policy": start_from or "base",
                              "reward_first": history[0]["reward_mean"] if history else None,
-                             "reward_last": history[-1]["reward_mean"] if history else None})
+                             "reward_last": history[-1]["reward_mean"] if history else None, **(summary or {})})
 
-    def rl_self(self) -> dict:
+    def synthetic_records(self) -> list[tuple[str, str, dict, str]]:
         path = self.run.root / "label" / "pseudo_labelled.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-        records = [(r["id"], r["question"], r["options"], r["label"]) for r in rows]  # kept labels only
-        return self._rl("rl_self", self.cfg.rl_self, records, start_from=None)
+        return [(r["id"], r["question"], r["options"], r["label"]) for r in rows]  # kept labels only
+
+    def real_records(self, stage: str) -> tuple[list[tuple[str, str, dict, str]], dict]:
+        """Stage-2 questions of every --real_data source (each capped by ``@cap`` or
+        the preset's ``real_cap``, a seeded sample), and the counts per source."""
+        counts: dict[str, dict] = {}
+        if self.inputs.real_data:
+            records = []
+            for k, spec in enumerate(self.inputs.real_data):
+                path, cap = real_source(spec)
+                cap = cap or self.cfg.real_cap
+                data = read_real_data(path)
+                rows = [r for r in data.load() if r.answer is not None]
+                if data.stats.n_skipped:
+                    log(f"{stage}: skipped malformed records in {path}: {dict(data.stats.skipped)}")
+                if not rows:
+                    raise ValueError(f"{path}: no labelled questions (--real_data)")
+                read = len(rows)
+                if cap is not None and len(rows) > cap:
+                    pick = np.random.default_rng([self.cfg.seed, k]).permutation(len(rows))[:cap]
+                    rows = [rows[i] for i in sorted(pick)]
+                counts[Path(path).name] = {"read": read, "used": len(rows), "cap": cap,
+                                           "skipped": data.stats.n_skipped}
+                records += [(f"{Path(path).stem}:{r.id}", r.question, r.options, r.answer) for r in rows]
+            return records, counts
+        if self.cfg.holdout_benchmark:
+            rows = self.holdout()[1]
+            counts[f"holdout of {self.holdout_path().name}"] = {"read": len(rows), "used": len(rows), "cap": None,
+                                                                 "skipped": 0}
+            return [(r.id, r.question, r.options, r.answer) for r in rows if r.answer is not None], counts
+        raise ValueError(f"stage {stage} needs --real_data (human-labelled questions)")
+
+    def rl_self(self) -> dict:
+        return self._rl("rl_self", self.cfg.rl_self, self.synthetic_records(), start_from=None)
 
     def rl_sup(self) -> dict:
-        if self.inputs.real_data:
-            data = read_real_data(self.inputs.real_data)
-            rows = data.load()
-            if data.stats.n_skipped:
-                log(f"rl_sup: skipped malformed records in {self.inputs.real_data}: {dict(data.stats.skipped)}")
-        elif self.cfg.holdout_benchmark:
-            rows = self.holdout()[1]
-        else:
-            raise ValueError("stage rl_sup needs --real_data (human-labelled questions)")
-        records = [(r.id, r.question, r.options, r.answer) for r in rows if r.answer is not None]
-        return self._rl("rl_sup", self.cfg.rl_sup, records, start_from="rl_self")
+        records, counts = self.real_records("rl_sup")
+        return self._rl("rl_sup", self.cfg.rl_sup, records, start_from=self.start_policy("rl_sup"),
+                        summary={"sources": counts})
+
+    def rl_mixed(self) -> dict:
+        """One GRPO stage over the kept synthetic items and the real questions together
+        (the paper's single-stage ablation); ``mix_ratio`` sets the real share of the pool."""
+        synthetic = self.synthetic_records()
+        real, counts = self.real_records("rl_mixed")
+        ratio = self.cfg.mix_ratio
+        if ratio is not None and synthetic and real:
+            # the largest pool with the asked share: all of the scarcer side, a seeded sample of the other
+            n_real = min(len(real), int(round(len(synthetic) * ratio / (1 - ratio))))
+            n_syn = min(len(synthetic), int(round(n_real * (1 - ratio) / ratio)))
+            rng = np.random.default_rng(self.cfg.seed)
+            real = [real[i] for i in sorted(rng.permutation(len(real))[:max(n_real, 1)])]
+            synthetic = [synthetic[i] for i in sorted(rng.permutation(len(synthetic))[:max(n_syn, 1)])]
+        pool = synthetic + real
+        return self._rl("rl_mixed", self.cfg.rl_sup, pool, start_from=None,
+                        summary={"sources": counts, "synthetic_items": len(synthetic), "real_items": len(real),
+                                 "mix_ratio": ratio})
 
     def _trained_stage(self) -> str | None:
-        """The latest finished GRPO stage (rl_sup, else rl_self), or None for the base model."""
-        for stage in ("rl_sup", "rl_self"):
+        """The latest finished GRPO stage, or None for the base model."""
+        for stage in ("rl_sup", "rl_mixed", "rl_self"):
             m = self.run.manifest(stage)
             if m is not None and m.get("status") == "done":
                 return stage
         return None
 
+    def eval_policies(self) -> list[tuple[str, str | None]]:
+        """(name, finished stage or None for the base) of each policy to evaluate, in order;
+        ``latest`` names the latest finished GRPO stage (left out when that is the base)."""
+        out: list[tuple[str, str | None]] = []
+        for p in self.cfg.eval_policies:
+            stage = self._trained_stage() if p == "latest" else (None if p == "base" else p)
+            if p == "latest" and stage is None and "base" in self.cfg.eval_policies:
+                continue
+            if stage is not None:
+                m = self.run.manifest(stage)
+                if m is None or m.get("status") != "done":
+                    raise ValueError(f"eval_policies names {p}, but stage {stage} has not finished in "
+                                     f"{self.run.root}")
+            name = stage or "base"
+            if name not in [n for n, _ in out]:
+                out.append((name, stage))
+        return out
+
+    def benchmark_files(self):
+        """The benchmark files of --benchmarks as the harness reads them, each
+        filtered and sampled as the preset says; the held-out seed and stage-2
+        questions are left out of the file they came from."""
+        from medssr_jax.data import benchmark_files, eval_dir, read_benchmark_file
+        cfg = self.cfg
+        held_out, holdout_file = set(), None
+        if self.uses_holdout():
+            holdout_file = self.holdout_path().resolve()
+        files = []
+        for path in benchmark_files(eval_dir(self.inputs.benchmarks)):
+            bf = read_benchmark_file(path)
+            if not bf.records:
+                raise ValueError(f"{path}: no readable records ({dict(bf.skipped) or 'empty file'})")
+            if bf.skipped and not cfg.eval_allow_partial:
+                raise ValueError(f"{path}: {sum(bf.skipped.values())} records could not be read "
+                                 f"({bf.errors[0]}{' ...' if len(bf.errors) > 1 else ''}); fix the file or "
+                                 f"pass --eval_allow_partial")
+            if holdout_file is not None and path.resolve() == holdout_file:
+                held_out = self.holdout()[2]
+                bf.records = [r for r in bf.records if r["id"] not in held_out]
+            if cfg.eval_filter:
+                if not any(cfg.eval_filter in r for r in bf.records):
+                    log(f"eval: {path.name} has no {cfg.eval_filter!r} field; left out by --eval_filter")
+                    continue
+                bf.records = [r for r in bf.records if r.get(cfg.eval_filter) is True]
+            k = cfg.eval_items_per_benchmark
+            if k is not None and len(bf.records) > k:  # a seeded sample of each file
+                pick = np.random.default_rng(cfg.seed).permutation(len(bf.records))[:k]
+                bf.records = [bf.records[i] for i in sorted(pick)]
+            if bf.duplicate_ids:
+                log(f"eval: {path.name} holds duplicate ids: {', '.join(bf.duplicate_ids[:10])}")
+            files.append(bf)
+        if not files:
+            raise ValueError(f"no benchmark file has records with {cfg.eval_filter!r} set")
+        return files
+
     def benchmark_records(self) -> dict[str, list]:
-        from medssr_jax.data import eval_dir, read_medssr_eval
-        src = eval_dir(self.inputs.benchmarks)
-        if not src.exists():
-            raise FileNotFoundError(f"{src}: no benchmark files (--benchmarks or MEDSSR_EVAL_DIR)")
-        held_out = self.holdout()[2] if self.uses_holdout() else set()
-        by_bench: dict[str, list] = {}
-        for r in read_medssr_eval(src).load():
-            if not (r.source == self.cfg.holdout_benchmark and r.id in held_out):
-                by_bench.setdefault(r.source, []).append(r)
-        k = self.cfg.eval_items_per_benchmark
-        if k is not None:  # a seeded sample of each benchmark
-            rng = np.random.default_rng(self.cfg.seed)
-            by_bench = {b: [rs[i] for i in sorted(rng.permutation(len(rs))[:k])] for b, rs in by_bench.items()}
+        """The legacy protocol's records: options parsed, grouped by benchmark file."""
+        from medssr_jax.data import MCQ
+        from medssr_jax.answers import parse_options
+        by_bench = {}
+        for bf in self.benchmark_files():
+            rows = []
+            for r in bf.records:
+                stem, options = parse_options(r["question"])
+                rows.append(MCQ(id=r["id"], question=stem, options=options, answer=r["gold"].upper(),
+                                source=bf.name))
+            by_bench[bf.name] = rows
         return by_bench
 
     def eval(self) -> dict:
-        from medssr_jax.evaluation import evaluate, write_results
+        from medssr_jax.evaluation import evaluate, evaluate_medssr, write_results
         cfg, out = self.cfg, self.run.stage_dir("eval")
-        model, mcfg = self.load_policy(self._trained_stage())
-        results = evaluate(model, self.tokenizer(), self.benchmark_records(), template=mcfg.chat_template,
-                           num_generations=cfg.eval_generations, temperature=cfg.eval_temperature,
-                           top_p=cfg.eval_top_p, top_k=cfg.eval_top_k,
-                           max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
-                           batch_size=cfg.eval_batch_per_device * self.mesh().size)
-        if is_main():
-            write_results(results, out)
-        summary = {b: round(r["accuracy_mean"], 4) for b, r in results["benchmarks"].items()}
-        return dict(outputs={"results": "results.json", "table": "results.md", "plot": "accuracy.png"},
-                    summary=dict(summary, policy=self._trained_stage() or "base"))
+        summary, tables = {}, {}
+        for name, stage in self.eval_policies():
+            target = out / name
+            if (target / "results.json").is_file():  # finished before an interruption
+                results = json.loads((target / "results.json").read_text())
+            else:
+                model, mcfg = self.load_policy(stage)
+                kw = dict(num_generations=cfg.eval_generations, temperature=cfg.eval_temperature,
+                          top_p=cfg.eval_top_p, top_k=cfg.eval_top_k, max_new_tokens=cfg.eval_max_new_tokens,
+                          seed=cfg.seed, batch_size=cfg.eval_batch_per_device * self.mesh().size)
+                log(f"eval: policy {name}")
+                if cfg.eval_protocol == "medssr":
+                    model_name = Path(self.model_source()).name if stage is None else f"{stage}/model"
+                    results = evaluate_medssr(model, self.prompter(mcfg), self.benchmark_files(),
+                                              model_name=model_name, **kw)
+                else:
+                    results = evaluate(model, self.tokenizer(), self.benchmark_records(),
+                                       template=mcfg.chat_template, **kw)
+                results["config"]["policy"] = name
+                if is_main():
+                    write_results(results, target)
+            summary[name] = {b: round(r["accuracy_mean"], 4) for b, r in results["benchmarks"].items()}
+            tables[name] = {b: r.get("skipped", {}) for b, r in results["benchmarks"].items()}
+        partial = {p: t for p, t in tables.items() if any(t.values())}
+        return dict(outputs={name: f"{name}/results.json" for name in summary},
+                    summary=dict(accuracy=summary, policies=list(summary), protocol=cfg.eval_protocol,
+                                 **({"partial": partial} if partial else {})))
 
     def export(self) -> dict:
         stage = self._trained_stage()
         if stage is None:
-            raise ValueError("stage export needs a finished rl_self or rl_sup stage")
+            raise ValueError("stage export needs a finished GRPO stage (rl_self, rl_sup or rl_mixed)")
         src = self.run.root / stage / "model"
         dst = self.run.stage_dir("export") / "model"
         if dst.exists():
@@ -411,21 +583,22 @@ class Pipeline:
     # --- orchestration --------------------------------------------------------
     def stage_inputs(self, stage: str) -> dict[str, str]:
         inputs = {"model": self.model_input()}
-        upstream = {"label": ["synthesize"], "rl_self": ["label"], "rl_sup": ["rl_self"]}.get(stage, [])
-        if stage in ("eval", "export") and self._trained_stage():
-            upstream = [self._trained_stage()]
+        upstream = {"label": ["synthesize"], "rl_self": ["label"], "rl_mixed": ["label"],
+                    "rl_sup": [self.start_policy("rl_sup")] if self.start_policy("rl_sup") else []}.get(stage, [])
+        if stage == "eval":
+            upstream = [st for _, st in self.eval_policies() if st]
         elif stage == "export":
-            upstream = ["rl_self"]  # not finished: refused, naming it
-        for up in upstream:
+            upstream = [self._trained_stage() or ("rl_mixed" if self.cfg.rl_mode == "mixed" else "rl_self")]
+        for up in upstream:  # an unfinished one is refused, naming it
             inputs[f"stage:{up}"] = self.run.manifest_hash(up)
         if stage == "synthesize":
             inputs["seeds"] = file_digest(self.inputs.seeds) if self.inputs.seeds else self._holdout_input()
-        if stage == "rl_sup":
-            inputs["real_data"] = (file_digest(self.inputs.real_data) if self.inputs.real_data
-                                   else self._holdout_input())
+        if stage in ("rl_sup", "rl_mixed"):
+            inputs["real_data"] = ([f"{spec} {file_digest(real_source(spec)[0])}" for spec in self.inputs.real_data]
+                                   if self.inputs.real_data else self._holdout_input())
         if stage == "eval":
-            from medssr_jax.data import eval_dir
-            inputs["benchmarks"] = file_digest(eval_dir(self.inputs.benchmarks))
+            from medssr_jax.data import benchmark_files, eval_dir
+            inputs["benchmarks"] = {f.name: file_digest(f) for f in benchmark_files(eval_dir(self.inputs.benchmarks))}
             if self.uses_holdout():
                 inputs["held_out"] = self._holdout_input()
         return inputs
@@ -444,17 +617,17 @@ class Pipeline:
         devices), since the sampling seeds follow the batches."""
         cfg = dataclasses.asdict(self.cfg)
         policy = ["name", "model", "model_preset", "dtype", "param_dtype", "remat", "chat_template", "mesh",
-                  "seed"]
+                  "seed", "eval_protocol"]
+        holdout = ["holdout_benchmark", "holdout_seeds", "holdout_real"]
         fields = {
             "synthesize": ["name", "seed", "alpha", "num_questions", "synth_model", "openai_base_url", "retrieval_k",
-                           "corpus_max_docs", "index_method", "holdout_benchmark", "holdout_seeds",
-                           "holdout_real"],
-            "label": policy + ["num_votes", "label_threshold", "label_max_new_tokens", "label_recover",
+                           "corpus_max_docs", "index_method", "synth_generator"] + holdout,
+            "label": policy + ["num_votes", "label_threshold", "label_keep", "label_max_new_tokens", "label_recover",
                                "lenient_answers"],
             "rl_self": policy + ["rl_self", "lenient_answers"],
-            "rl_sup": policy + ["rl_sup", "lenient_answers", "holdout_benchmark", "holdout_seeds", "holdout_real"],
-            "eval": policy + [k for k in cfg if k.startswith("eval_")] + ["holdout_benchmark", "holdout_seeds",
-                                                                          "holdout_real"],
+            "rl_sup": policy + ["rl_sup", "lenient_answers", "real_cap", "skip_stages"] + holdout,
+            "rl_mixed": policy + ["rl_sup", "lenient_answers", "real_cap", "mix_ratio"] + holdout,
+            "eval": policy + [k for k in cfg if k.startswith("eval_")] + holdout,
             "export": ["name"],
         }[stage]
         out = {k: cfg[k] for k in fields}
@@ -467,8 +640,7 @@ class Pipeline:
     def _holdout_input(self) -> str | None:
         if not self.cfg.holdout_benchmark:
             return None
-        from medssr_jax.data import eval_dir
-        path = eval_dir(self.inputs.benchmarks) / f"{self.cfg.holdout_benchmark}.json"
+        path = self.holdout_path()
         return f"holdout of {path.name} " + (file_digest(path) if path.is_file() else "(missing)")
 
     def run_stage(self, stage: str) -> dict | None:

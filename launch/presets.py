@@ -30,8 +30,13 @@ class PipelineConfig:
     alpha: float = 0.3
     num_questions: int = 43_000
     synth_model: str = "gpt-4.1"
-    openai_base_url: str | None = None      # None: the offline HPO generator
+    openai_base_url: str | None = None      # the LLM endpoint of API synthesis
+    synth_generator: str = "auto"           # auto: api with an endpoint, else offline (small presets only)
+    allow_offline_synthesis: bool = True    # False (paper presets): offline only when asked for explicitly
     retrieval_k: int = 3
+    retriever: str = "minilm"               # minilm (built in) | medcpt (--retriever_path)
+    retriever_path: str | None = None       # MedCPT directory with query/ and article/ encoders
+    corpus: str | None = None               # JSONL of literature passages beside the HPO profiles
     corpus_max_docs: int | None = None      # None: every HPO disease profile
     index_method: str = "auto"              # ScaNN: brute force below 20k documents, tree-AH above
     # seed questions and stage-2 questions held out of a benchmark file when --seeds /
@@ -42,6 +47,7 @@ class PipelineConfig:
     # pseudo-labelling
     num_votes: int = 8
     label_threshold: float = 0.75
+    label_keep: str = "gt"            # gt: keep confidence > threshold (the paper); ge: >=
     label_max_new_tokens: int = 3072
     label_recover: bool = False    # read unreadable votes by the evaluation's restricted letter decode
     label_batch_per_device: int = 16  # questions per sampler call, per device of the mesh
@@ -49,7 +55,15 @@ class PipelineConfig:
     # GRPO (both stages)
     rl_self: RLConfig = RLConfig()
     rl_sup: RLConfig = RLConfig()
-    # evaluation (MedSSR protocol)
+    rl_mode: str = "two_stage"        # two_stage (the paper) | mixed: one GRPO stage over both sets
+    mix_ratio: float | None = None    # mixed: share of real questions in the pool (None: all of both)
+    real_cap: int | None = None       # at most this many questions per --real_data source
+    skip_stages: tuple[str, ...] = ()  # e.g. ("rl_self",): stage 2 starts from the base policy
+    # evaluation
+    eval_protocol: str = "medssr"     # medssr (the authors' harness) | legacy (not the paper's)
+    eval_policies: tuple[str, ...] = ("base", "latest")  # base, rl_self, rl_sup, rl_mixed, latest
+    eval_filter: str | None = None    # e.g. "is_reasoning": only records whose field is true
+    eval_allow_partial: bool = False  # a benchmark file that lost records still counts (recorded)
     eval_generations: int = 4
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
@@ -71,7 +85,33 @@ class PipelineConfig:
             (0.0 <= self.label_threshold <= 1.0, f"label_threshold must be in [0, 1], got {self.label_threshold}"),
             (self.label_max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.label_max_new_tokens}"),
             (self.retrieval_k >= 1, f"retrieval_k must be >= 1, got {self.retrieval_k}"),
-            (self.eval_generations >= 1, f"eval_generations must be >= 1, got {self.eval_generations}"),
+            (self.eval_generations >= 1, f"eval_num_generations must be >= 1, got {self.eval_generations}"),
+            (self.eval_temperature >= 0, f"eval_temperature must be >= 0 (0: greedy), got {self.eval_temperature}"),
+            (0 < self.eval_top_p <= 1, f"eval_top_p must be in (0, 1], got {self.eval_top_p}"),
+            (self.eval_top_k >= 0, f"eval_top_k must be >= 0 (0: off), got {self.eval_top_k}"),
+            (self.eval_max_new_tokens >= 1, f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}"),
+            (self.eval_items_per_benchmark is None or self.eval_items_per_benchmark >= 1,
+             f"eval_items must be >= 1, got {self.eval_items_per_benchmark}"),
+            (self.eval_protocol in ("medssr", "legacy"),
+             f"eval_protocol must be medssr or legacy, got {self.eval_protocol!r}"),
+            (self.label_keep in ("gt", "ge"), f"label_keep must be gt or ge, got {self.label_keep!r}"),
+            (self.synth_generator in ("auto", "api", "offline"),
+             f"synth_generator must be auto, api or offline, got {self.synth_generator!r}"),
+            (self.synth_generator != "api" or bool(self.openai_base_url),
+             "synth_generator=api needs --openai_base_url"),
+            (self.retriever in ("minilm", "medcpt"), f"retriever must be minilm or medcpt, got {self.retriever!r}"),
+            (self.retriever != "medcpt" or bool(self.retriever_path),
+             "retriever=medcpt needs --retriever_path (a directory with the MedCPT query and article encoders)"),
+            (self.rl_mode in ("two_stage", "mixed"), f"rl_mode must be two_stage or mixed, got {self.rl_mode!r}"),
+            (self.mix_ratio is None or 0 < self.mix_ratio < 1, f"mix_ratio must be in (0, 1), got {self.mix_ratio}"),
+            (self.mix_ratio is None or self.rl_mode == "mixed", "mix_ratio needs rl_mode=mixed"),
+            (self.real_cap is None or self.real_cap >= 1, f"real_cap must be >= 1, got {self.real_cap}"),
+            (set(self.skip_stages) <= {"rl_self", "rl_sup", "export"},
+             f"skip_stages takes rl_self, rl_sup and export, got {','.join(self.skip_stages)}"),
+            (self.rl_mode != "mixed" or not self.skip_stages or set(self.skip_stages) <= {"export"},
+             "rl_mode=mixed runs one GRPO stage (rl_mixed); skip_stages can only drop export then"),
+            (bool(self.eval_policies) and set(self.eval_policies) <= {"base", "rl_self", "rl_sup", "rl_mixed", "latest"},
+             f"eval_policies takes base, rl_self, rl_sup, rl_mixed and latest, got {','.join(self.eval_policies)}"),
         ]
         for name in ("rl_self", "rl_sup"):
             rl = getattr(self, name)
@@ -112,22 +152,22 @@ PRESETS: dict[str, PipelineConfig] = {
     "tiny": PipelineConfig(
         name="tiny", model=None, model_preset="tiny", num_questions=8, num_votes=4,
         corpus_max_docs=300, holdout_benchmark="medqa", holdout_seeds=8, holdout_real=8,
-        label_threshold=0.5, label_max_new_tokens=16, label_recover=True, lenient_answers=True,
+        label_threshold=0.25, label_max_new_tokens=16, label_recover=True, lenient_answers=True,
         rl_self=_small_rl(2, 2, 4, 16, 1024), rl_sup=_small_rl(2, 2, 4, 16, 1024),
         eval_generations=2, eval_max_new_tokens=16, eval_items_per_benchmark=4),
     "smollm2": PipelineConfig(
         name="smollm2", model="asset:smollm2", model_preset=None, num_questions=32, num_votes=4,
         holdout_benchmark="medqa", holdout_seeds=16, holdout_real=32,
-        label_threshold=0.5, label_max_new_tokens=96, label_recover=True, lenient_answers=True,
+        label_threshold=0.25, label_max_new_tokens=96, label_recover=True, lenient_answers=True,
         rl_self=_small_rl(4, 2, 4, 96, 512), rl_sup=_small_rl(4, 2, 4, 96, 512),
         eval_generations=2, eval_max_new_tokens=96, eval_items_per_benchmark=8),
     "qwen3_8b_base": PipelineConfig(
         name="qwen3_8b_base", model=None, model_preset=None, dtype="bfloat16", param_dtype="float32",
-        remat="full", chat_template="raw", mesh=(1, -1, 1),
+        remat="full", chat_template="raw", mesh=(1, -1, 1), allow_offline_synthesis=False,
         rl_self=_paper_rl(300), rl_sup=_paper_rl(300)),
     "llama31_8b_instruct": PipelineConfig(
         name="llama31_8b_instruct", model=None, model_preset=None, dtype="bfloat16", param_dtype="float32",
-        remat="full", chat_template="llama3", mesh=(1, -1, 1),
+        remat="full", chat_template="llama3", mesh=(1, -1, 1), allow_offline_synthesis=False,
         rl_self=_paper_rl(300), rl_sup=_paper_rl(300)),
 }
 

@@ -117,7 +117,7 @@ def parse_options(question_text: str) -> tuple[str, dict[str, str]]:
 
     Options are the lines ``A. text``, ``A) text``, ``A: text`` or
     ``(A) text`` that follow the stem, one per line, starting at ``A`` with
-    consecutive letters, 2 to 5 of them (A..E). The block begins at the last
+    consecutive letters, 2 to 10 of them (A..J). The block begins at the last
     ``A`` line of the text. Blank lines between options are allowed; any other
     line after the first option is an error. A line that
     only says ``Options:`` / ``Choices:`` / ``Answer choices:`` just before the
@@ -127,7 +127,7 @@ def parse_options(question_text: str) -> tuple[str, dict[str, str]]:
     Raises ``ValueError`` describing the problem when the stem is empty, no
     ``A`` option line exists, letters are not consecutive from ``A``, an
     option has no text, an option is followed by a non-option line, or there
-    are fewer than 2 or more than 5 options.
+    are fewer than 2 or more than 10 options.
     """
     if not isinstance(question_text, str):
         raise TypeError(f"question_text must be a string, got {type(question_text).__name__}")
@@ -161,9 +161,9 @@ def parse_options(question_text: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"option {letter} on line {lineno} has no text")
         options[letter] = text
     if len(options) < 2:
-        raise ValueError(f"a question needs 2 to 5 options (A..E), found {len(options)}")
-    if len(options) > 5:
-        raise ValueError(f"a question needs 2 to 5 options (A..E), found {len(options)} (A..{letter})")
+        raise ValueError(f"a question needs 2 to 10 options (A..J), found {len(options)}")
+    if len(options) > 10:
+        raise ValueError(f"a question needs 2 to 10 options (A..J), found {len(options)} (A..{letter})")
 
     stem_lines = lines[:first]
     while stem_lines and not stem_lines[-1].strip():

@@ -36,7 +36,7 @@ A record that cannot become a valid :class:`MCQ` is reported with its location
 ``missing_field`` a required field is absent, null or empty
 ``no_options``    no option could be found
 ``bad_options``   malformed options (letters not consecutive from A, fewer
-                  than 2 or more than 5, an empty option text, ...)
+                  than 2 or more than 10, an empty option text, ...)
 ``bad_answer``    the gold / answer letter is not one of the options
 
 With ``on_error="raise"`` the first one raises :class:`ValueError` with the
@@ -67,10 +67,13 @@ from typing import Any
 from medssr_jax.answers import parse_options
 
 __all__ = [
+    "BenchmarkFile",
     "LETTERS",
     "MCQ",
     "ReadStats",
     "Records",
+    "benchmark_files",
+    "read_benchmark_file",
     "read_headqa",
     "read_mcq_jsonl",
     "read_medmcqa",
@@ -83,8 +86,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LETTERS = "ABCDE"
-MIN_OPTIONS, MAX_OPTIONS = 2, 5
+LETTERS = "ABCDEFGHIJ"
+MIN_OPTIONS, MAX_OPTIONS = 2, 10
 
 
 # --- the record -----------------------------------------------------------------
@@ -95,7 +98,7 @@ def _check_options(options: Mapping[str, str]) -> str | None:
         return f"options must be a mapping letter -> text, got {type(options).__name__}"
     letters = list(options)
     if not MIN_OPTIONS <= len(letters) <= MAX_OPTIONS:
-        return f"{len(letters)} options; {MIN_OPTIONS} to {MAX_OPTIONS} (A..E) are required"
+        return f"{len(letters)} options; {MIN_OPTIONS} to {MAX_OPTIONS} (A..{LETTERS[MAX_OPTIONS - 1]}) are required"
     if letters != list(LETTERS[:len(letters)]):
         return f"option letters {letters} are not consecutive from A"
     for k, v in options.items():
@@ -109,7 +112,7 @@ class MCQ:
     """A multiple-choice question.
 
     ``question`` is the stem only; ``options`` maps consecutive letters from
-    ``A`` (2 to 5 of them) to option texts, in letter order; ``answer`` is the
+    ``A`` (2 to 10 of them, A..J) to option texts, in letter order; ``answer`` is the
     gold letter or a pseudo label, ``None`` when unlabelled; ``source`` names
     the benchmark / file it came from; ``extra`` keeps every other field of the
     source record (unknown fields included).
@@ -439,6 +442,82 @@ def read_medssr_eval(path_or_dir: str | os.PathLike, names: Sequence[str] | None
     return Records(gen, on_error)
 
 
+@dataclass
+class BenchmarkFile:
+    """One benchmark file as the MedSSR harness reads it: the raw records.
+
+    ``name``: the file's stem (results are grouped by it); ``records``: the
+    records that carry a non-empty string ``id`` and ``question`` and a gold
+    letter (``A``-``Z``), every field kept as stored; ``letters``: the file's
+    sorted gold letters, from all its readable records (the harness's allowed
+    letters for recovery); ``skipped``: records left out, by reason (with
+    ``errors`` naming each); ``duplicate_ids``: ids that occur more than once.
+    """
+
+    name: str
+    path: Path
+    records: list[dict]
+    letters: list[str]
+    skipped: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    duplicate_ids: list[str] = field(default_factory=list)
+
+
+def benchmark_files(path_or_dir: str | os.PathLike) -> list[Path]:
+    """The benchmark files a path names: one ``.json`` file, or a directory's
+    ``*.json`` files in name order. Raises ``FileNotFoundError`` naming the
+    path when it does not exist or a directory holds no ``.json`` file."""
+    p = Path(path_or_dir)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.json") if f.is_file())
+        if not files:
+            raise FileNotFoundError(f"no benchmark files (*.json) in {p}")
+        return files
+    raise FileNotFoundError(f"{p}: no such benchmark file or directory")
+
+
+def read_benchmark_file(path: str | os.PathLike) -> BenchmarkFile:
+    """Read one MedSSR-format benchmark file (a JSON list of ``{id, question,
+    gold, name, ...}``) without parsing its options, as the harness does.
+
+    A file that is not valid JSON or UTF-8, or not a list, raises
+    ``ValueError`` naming it. Records that are not objects or lack a usable
+    ``id`` / ``question`` / ``gold`` are skipped and counted by reason.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    if not isinstance(doc, list):
+        raise ValueError(f"{p}: expected a JSON list of records, got {type(doc).__name__}")
+    records, skipped, errors = [], Counter(), []
+    for i, rec in enumerate(doc, start=1):
+        where = _record_where(p, i, rec)
+        if not isinstance(rec, dict):
+            reason, detail = "bad_record", f"expected an object, got {type(rec).__name__}"
+        else:
+            missing = [k for k in ("id", "question", "gold") if not (isinstance(rec.get(k), str) and rec[k].strip())]
+            if missing:
+                reason, detail = "missing_field", f"no usable {', '.join(missing)}"
+            elif not re.fullmatch(r"[A-Za-z]", rec["gold"].strip()):
+                reason, detail = "bad_answer", f"gold {rec['gold']!r} is not one option letter"
+            else:
+                records.append(rec)
+                continue
+        skipped[reason] += 1
+        errors.append(f"{where}: {reason}: {detail}")
+        log.warning("%s: %s: %s", where, reason, detail)
+    counts = Counter(r["id"] for r in records)
+    letters = sorted({r["gold"].upper() for r in records if r.get("gold")})
+    return BenchmarkFile(name=p.stem, path=p, records=records, letters=letters, skipped=dict(skipped),
+                         errors=errors, duplicate_ids=sorted(k for k, c in counts.items() if c > 1))
+
+
 # --- MedQA ------------------------------------------------------------------------------
 
 def read_medqa(path: str | os.PathLike, *, source: str = "medqa", on_error: str = "skip") -> Records:
@@ -588,7 +667,7 @@ def read_headqa(path: str | os.PathLike, *, source: str = "headqa", on_error: st
     "category", "data": [...]}}}`` (the full release), a list of such exams, or
     a plain list of questions. A question is ``{"qid", "qtext", "ra",
     "answers": [{"aid", "atext"}, ...], "image", ...}`` with 4 or 5 answers
-    (2 to 5 accepted); answers are lettered A.. in ascending ``aid`` order and
+    (2 to 10 accepted); answers are lettered A.. in ascending ``aid`` order and
     ``ra`` (the right answer's aid) becomes that letter. ``id`` is
     ``"<exam>-<qid>"`` when the exam has a name, else ``"<qid>"``; the exam's
     fields (name, year, category, ...) are kept in ``extra`` with every
@@ -629,7 +708,7 @@ def read_headqa(path: str | os.PathLike, *, source: str = "headqa", on_error: st
                 if len(set(aids)) != len(aids):
                     raise _RecordError("bad_options", f"repeated aid in {aids}")
                 if len(ordered) > MAX_OPTIONS or len(ordered) < MIN_OPTIONS:
-                    raise _RecordError("bad_options", f"{len(ordered)} answers; 2 to 5 are required")
+                    raise _RecordError("bad_options", f"{len(ordered)} answers; {MIN_OPTIONS} to {MAX_OPTIONS} are required")
                 opts = {LETTERS[j]: a["atext"].strip() if isinstance(a["atext"], str) else a["atext"]
                         for j, a in enumerate(ordered)}
                 ra = q.get("ra")

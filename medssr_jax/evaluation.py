@@ -104,7 +104,7 @@ def _question_block(record) -> str:
 
 
 def build_prompt(record, template: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The prompt text for one question.
+    """The legacy prompt text for one question.
 
     ``instruction``, a blank line, the stem, a blank line and the options one
     per line (``A. text``). Template ``"raw"`` (base models) returns that text
@@ -115,6 +115,13 @@ def build_prompt(record, template: str, instruction: str = DEFAULT_INSTRUCTION) 
     if template == "raw":
         return body + "\n\nAnswer:"
     return format_chat([{"role": "user", "content": body}], template)
+
+
+def legacy_prompt(stem: str, options: Mapping[str, str], template: str,
+                  instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """:func:`build_prompt` of a question given as stem and options."""
+    from types import SimpleNamespace
+    return build_prompt(SimpleNamespace(id="?", question=stem, options=dict(options)), template, instruction)
 
 
 def _adds_bos(tokenizer) -> int | None:
@@ -455,6 +462,161 @@ def greedy_predictions(model, tokenizer, records: Sequence, *, template: str,
     return res["benchmarks"][benchmark]["items"]
 
 
+# --- the MedSSR protocol (the authors' harness) -------------------------------
+
+def _generate_sorted(model, prompts: Sequence[Sequence[int]], gen: Callable, *, n: int, max_new_tokens: int,
+                     temperature: float, top_p: float, top_k: int, seed: int, eos: Sequence[int],
+                     batch_size: int, progress) -> tuple[list, dict]:
+    """``n`` completions per prompt, prompts sorted by length into batches of
+    ``batch_size``; batch ``b`` samples with seed ``seed * 1_000_003 + b``. A
+    batch whose longest prompt plus ``max_new_tokens`` exceeds the model's
+    context gets a smaller budget (counted in ``clipped_batches``)."""
+    context = int(model.config.max_position_embeddings)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    completions: list = [None] * len(prompts)
+    stats = dict(generated_tokens=0, generate_seconds=0.0, clipped_batches=0)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        idx = order[start:start + batch_size]
+        batch = [prompts[i] for i in idx]
+        budget = min(max_new_tokens, context - max(map(len, batch)))
+        if budget < 1:
+            raise ValueError(f"a prompt of {max(map(len, batch))} tokens leaves no room to generate "
+                             f"in the model's context of {context}")
+        stats["clipped_batches"] += int(budget < max_new_tokens)
+        tg = time.perf_counter()
+        out = gen(model, batch, n=n, max_new_tokens=budget, temperature=temperature, top_p=top_p, top_k=top_k,
+                  seed=(seed * 1_000_003 + b) % (1 << 31), eos_ids=list(eos), progress=progress)
+        stats["generate_seconds"] += time.perf_counter() - tg
+        if len(out) != len(batch):
+            raise RuntimeError(f"generate returned {len(out)} groups for {len(batch)} prompts")
+        for i, group in zip(idx, out):
+            if len(group) != n:
+                raise RuntimeError(f"generate returned {len(group)} completions, expected {n}")
+            completions[i] = group
+            stats["generated_tokens"] += sum(len(c.tokens) for c in group)
+    return completions, stats
+
+
+def evaluate_medssr(model, prompter, files: Sequence, *, num_generations: int = 4, temperature: float = 0.6,
+                    top_p: float = 0.95, top_k: int = 20, max_new_tokens: int = 2048, seed: int = 0,
+                    eos_ids: Sequence[int] | None = None, batch_size: int = 32, recovery_batch_size: int = 8,
+                    model_name: str = "model", generate_fn: Callable | None = None,
+                    progress: bool | Callable | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on benchmark files with the MedSSR harness's protocol
+    (:mod:`medssr_jax.protocol`).
+
+    ``prompter``: a :class:`medssr_jax.protocol.Prompter` of protocol
+    ``medssr`` (its ``lenient`` reading is not used here). ``files``:
+    :class:`medssr_jax.data.BenchmarkFile` objects (raw records, the file's
+    allowed letters). Temperature 0 decodes greedily.
+
+    Returns ``{"config": {...}, "benchmarks": {name: {...}}}``. Each benchmark
+    holds the harness's scores (``per_generation`` with ``accuracy`` in
+    percent, ``average_accuracy``, ``std_accuracy``), the same as fractions
+    (``accuracy_mean``, ``accuracy_std``), the read bookkeeping of its file
+    (``skipped``, ``duplicate_ids``), per-item predictions (``items``), and
+    ``generations`` (one list of rows per generation, in the harness's layout
+    and order) and ``log_entry`` (the harness's log record), which
+    :func:`write_results` writes as ``<name>_gen<g>.json`` and appends to
+    ``<name>.eval.log``.
+    """
+    from medssr_jax.protocol import biased_greedy, extract_option, generation_metrics, normalize_prediction
+
+    if prompter.protocol != "medssr":
+        raise ValueError(f"evaluate_medssr needs a medssr prompter, got protocol {prompter.protocol!r}")
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tokenizer = prompter.tokenizer
+    gen = generate_fn or _sampler_generate
+    eos = list(_default_eos(model, tokenizer, prompter.template) if eos_ids is None else eos_ids)
+    eos_set = set(eos)
+    t0 = time.perf_counter()
+
+    entries = [(f, k, prompter.prompt_ids(r["question"])) for f, bf in enumerate(files)
+               for k, r in enumerate(bf.records)]
+    completions, stats = _generate_sorted(
+        model, [e[2] for e in entries], gen, n=num_generations, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos=eos, batch_size=batch_size,
+        progress=progress)
+
+    # free generations: (file, record, generation) -> row; unreadable ones go to recovery
+    rows: dict[tuple[int, int, int], dict] = {}
+    pending = []  # (key, recovery context, biased ids)
+    biased_of = {f: prompter.biased_ids(bf.letters) for f, bf in enumerate(files) if bf.letters}
+    lengths, finish = {}, {}
+    for (f, k, _), group in zip(entries, completions):
+        r = files[f].records[k]
+        for g, c in enumerate(group):
+            answer = tokenizer.decode([t for t in c.tokens if t not in eos_set], skip_special_tokens=True).strip()
+            pred = extract_option(answer)
+            lengths[f, k, g], finish[f, k, g] = len(c.tokens), getattr(c, "finish_reason", None)
+            row = dict(id=r["id"], name=r.get("name", "unknown"), gold=r["gold"], model=model_name,
+                       generation_idx=g, answer=answer, pred=pred, recovery_used=False)
+            rows[f, k, g] = row
+            if pred is None and f in biased_of:
+                ctx = prompter.encode(prompter.recovery_text(r["question"], answer))
+                pending.append(((f, k, g), ctx, biased_of[f]))
+
+    tr = time.perf_counter()
+    if pending:
+        pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
+        outs = biased_greedy(model, [p[1] for p in pending], [p[2] for p in pending],
+                             max_tokens=prompter.recovery_tokens, stop_ids=eos,
+                             batch_size=recovery_batch_size, pad_id=pad)
+        for (key, _, _), toks in zip(pending, outs):
+            recovered = tokenizer.decode(toks, skip_special_tokens=True).strip()
+            row = rows[key]
+            row.update(answer=row["answer"] + "\nThe answer is " + recovered, pred=recovered, recovery_used=True)
+    stats["recovery_seconds"] = time.perf_counter() - tr
+    stats["recovered_generations"] = len(pending)
+
+    params = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
+                  num_generations=num_generations, seed=seed)
+    benchmarks = {}
+    for f, bf in enumerate(files):
+        n = len(bf.records)
+        keys = [(f, k, g) for k in range(n) for g in range(num_generations)]
+        # the harness's order: free generations in record order, then recovered ones
+        ordered = [rows[key] for key in keys if not rows[key]["recovery_used"]] + \
+                  [rows[key] for key in keys if rows[key]["recovery_used"]]
+        generations = [[row for row in ordered if row["generation_idx"] == g] for g in range(num_generations)]
+        per_gen = [dict(generation=g, **generation_metrics(rs)) for g, rs in enumerate(generations)]
+        accs = [m["accuracy"] for m in per_gen]
+        average = round(float(np.mean(accs)), 2) if n else math.nan
+        std = round(float(np.std(accs)), 2) if n else math.nan
+        items = []
+        for k, r in enumerate(bf.records):
+            preds = [normalize_prediction(rows[f, k, g]["pred"]) for g in range(num_generations)]
+            items.append(dict(id=r["id"], gold=str(r["gold"]).upper(), predictions=preds,
+                              recovered=[rows[f, k, g]["recovery_used"] for g in range(num_generations)],
+                              correct=[p == str(r["gold"]).upper() for p in preds],
+                              lengths=[lengths[f, k, g] for g in range(num_generations)],
+                              finish_reasons=[finish[f, k, g] for g in range(num_generations)]))
+        recovered = sum(sum(it["recovered"]) for it in items)
+        benchmarks[bf.name] = dict(
+            file=str(bf.path), n=n, allowed_letters=list(bf.letters), skipped=dict(bf.skipped),
+            duplicate_ids=list(bf.duplicate_ids),
+            per_generation=per_gen, average_accuracy=average, std_accuracy=std,
+            accuracy_mean=average / 100 if n else math.nan, accuracy_std=std / 100 if n else math.nan,
+            unreadable=recovered, unreadable_rate=recovered / (n * num_generations) if n else math.nan,
+            recovered=recovered,
+            recovered_correct=sum(c for it in items for c, rc in zip(it["correct"], it["recovered"]) if rc),
+            items=items, generations=generations,
+            log_entry=dict(dataset=bf.records[0].get("name", "unknown") if n else "unknown", model=model_name,
+                           per_generation=per_gen, average_accuracy=average, std_accuracy=std,
+                           num_generations=num_generations, total_records=n * num_generations,
+                           params=params))
+    stats["seconds"] = time.perf_counter() - t0
+    config = dict(protocol="medssr", template=prompter.template, family=prompter.family,
+                  chat_template_source="checkpoint" if getattr(tokenizer, "chat_template", None) else "built-in",
+                  num_generations=num_generations, temperature=temperature, top_p=top_p, top_k=top_k,
+                  max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos, recovery_tokens=prompter.recovery_tokens,
+                  model=model_name, **stats)
+    return dict(config=config, benchmarks=benchmarks)
+
+
 # --- reporting ----------------------------------------------------------------
 
 def _json_default(o):
@@ -466,12 +628,27 @@ def _json_default(o):
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
-    """One row per benchmark: n, accuracy mean ± std (%), unreadable rate (%)."""
-    lines = ["| benchmark | n | accuracy (%) | unreadable (%) |", "|---|---:|---:|---:|"]
+    """One row per benchmark: n, accuracy mean ± std (%), unreadable rate (%), and the
+    records its file lost to read errors."""
+    lines = ["| benchmark | n | accuracy (%) | unreadable (%) | skipped records |", "|---|---:|---:|---:|---:|"]
     for name, b in results["benchmarks"].items():
+        skipped = sum((b.get("skipped") or {}).values())
         lines.append(f"| {name} | {b['n']} | {100 * b['accuracy_mean']:.2f} ± {100 * b['accuracy_std']:.2f} "
-                     f"| {100 * b['unreadable_rate']:.2f} |")
+                     f"| {100 * b['unreadable_rate']:.2f} | {skipped} |")
     return "\n".join(lines) + "\n"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import os
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -484,8 +661,21 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = dict(json=out / "results.json", markdown=out / "results.md", plot=out / "accuracy.png")
-    paths["json"].write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
-    paths["markdown"].write_text(markdown_table(results))
+    lean = dict(results, benchmarks={})
+    for name, b in results["benchmarks"].items():
+        b = dict(b)
+        generations = b.pop("generations", None)
+        log_entry = b.get("log_entry")
+        if generations is not None:  # the harness's files, to diff against its outputs
+            for g, rows in enumerate(generations):
+                _write_text_atomic(out / f"{name}_gen{g}.json",
+                                   json.dumps(rows, indent=2, ensure_ascii=False, default=_json_default))
+            with open(out / f"{name}.eval.log", "a", encoding="utf-8") as f:
+                json.dump(log_entry, f, indent=2, ensure_ascii=False, default=_json_default)
+                f.write("\n")
+        lean["benchmarks"][name] = b
+    _write_text_atomic(paths["json"], json.dumps(lean, indent=1, default=_json_default) + "\n")
+    _write_text_atomic(paths["markdown"], markdown_table(results))
 
     names = list(results["benchmarks"])
     means = [100 * results["benchmarks"][n]["accuracy_mean"] for n in names]

@@ -135,22 +135,32 @@ def generate_offline(diseases: Sequence | None = None, n_items: int = 100, *, se
 
 
 def generate_for_plan(specs: Sequence, diseases: Sequence, retriever=None, *, k_docs: int = 3,
-                      n_options: int = 5, min_phenotypes: int = 3, max_phenotypes: int = 6
-                      ) -> list[SynthItem]:
+                      n_options: int = 5, min_phenotypes: int = 3, max_phenotypes: int = 6,
+                      seeds: Sequence | None = None) -> list[SynthItem]:
     """One MCQ per planned prompt (:func:`synth.synthesize.plan_prompts`), the
     offline stand-in for the LLM generator.
 
     A prompt with a rare-disease entity (the share ``alpha`` of the plan)
     retrieves the ``k_docs`` profiles nearest to the entity name, as API
     synthesis does for its knowledge block, and asks about the best-ranked
-    retrieved disease; a prompt without one asks about a disease drawn by a
-    ``random.Random`` seeded from the prompt's key. Items carry the prompt's key
-    and the provenance fields of API synthesis (seed ids, entity, retrieved doc
-    ids and scores, rho, index), so the outputs of both generators read alike.
+    retrieved disease. A prompt without one is built from its pair of seed
+    questions (``seeds``, :class:`synth.synthesize.SeedQuestion`): the first
+    seed's stem and options with one distractor replaced by the second
+    seed's correct option (or its last option when it has no answer),
+    shuffled by a ``random.Random`` seeded from the prompt's key; the first
+    seed's answer is the intended answer. Without ``seeds`` such a prompt
+    asks about a disease drawn by that RNG (earlier behaviour). Items carry
+    the prompt's key and the provenance fields of API synthesis (seed ids,
+    entity, retrieved doc ids and scores, rho, index), so the outputs of both
+    generators read alike.
     """
     diseases, ids, eligible = _prepare(diseases, n_options, min_phenotypes, max_phenotypes)
     by_id = {d.id: i for i, d in enumerate(diseases)}
     eligible_set = set(eligible)
+    seed_of = {s.id: s for s in seeds or ()}
+    missing = sorted({i for s in specs if s.entity is None and seeds is not None for i in s.seed_ids} - set(seed_of))
+    if missing:
+        raise ValueError(f"planned prompts name seed questions that were not given: {missing[:5]}")
     rare = [s for s in specs if s.entity is not None]
     if rare and retriever is None:
         raise ValueError("prompts with a rare-disease entity need a retriever")
@@ -161,6 +171,9 @@ def generate_for_plan(specs: Sequence, diseases: Sequence, retriever=None, *, k_
         rng = random.Random(spec.key)
         prov: dict[str, Any] = {"seed_ids": list(spec.seed_ids), "entity": spec.entity, "rho": spec.rho,
                                 "index": spec.index, "retrieved_doc_ids": [], "retrieved_scores": []}
+        if spec.entity is None and seeds is not None:
+            items.append(_seed_item([seed_of[i] for i in spec.seed_ids], rng, spec.key, prov))
+            continue
         t = None
         if spec.entity is not None:
             docs = hits[spec.key]
@@ -172,6 +185,23 @@ def generate_for_plan(specs: Sequence, diseases: Sequence, retriever=None, *, k_
         items.append(_item(diseases, ids, t, rng, spec.key, prov, n_options=n_options,
                            min_phenotypes=min_phenotypes, max_phenotypes=max_phenotypes))
     return items
+
+
+def _seed_item(pair: Sequence, rng: random.Random, key: str, prov: dict[str, Any]) -> SynthItem:
+    """A question from a pair of seed questions, without knowledge (see :func:`generate_for_plan`)."""
+    first, second = pair[0], pair[-1]
+    texts = list(first.options.values())
+    correct = first.options.get(first.answer) if first.answer else None
+    borrowed = second.options.get(second.answer) if second.answer else list(second.options.values())[-1]
+    wrong = [j for j, t in enumerate(texts) if t != correct]
+    if borrowed and borrowed not in texts and wrong:
+        texts[wrong[rng.randrange(len(wrong))]] = borrowed
+    rng.shuffle(texts)
+    letters = "ABCDEFGHIJ"
+    options = {letters[n]: t for n, t in enumerate(texts)}
+    answer = letters[texts.index(correct)] if correct in texts else None
+    prov = dict(prov, generator=GENERATOR + "-seeds", borrowed_option=borrowed)
+    return SynthItem(key=key, question=first.question, options=options, intended_answer=answer, provenance=prov)
 
 
 def write_offline(items: Sequence[SynthItem], path: str | os.PathLike) -> Path:

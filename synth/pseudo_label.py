@@ -1,19 +1,24 @@
 """Pseudo-labels for unlabelled MCQs by self-consistency voting of the policy.
 
 For every item, ``n`` completions are sampled with
-:func:`medssr_jax.sampler.generate` from the prompt ``INSTRUCTION + question +
-options`` rendered with the model's chat template; each completion's answer
-is read with :func:`medssr_jax.answers.extract_answer` (restricted to the
-item's option letters) and :func:`medssr_jax.answers.majority_vote` gives the
-label, its confidence (votes for the label / n, unparseable answers
-included in n), the votes per option and the number of unparseable answers.
-Ties go to the letter that appears first in sample order (the
-``majority_vote`` rule). With ``recover=True`` an unreadable answer is read
-as the evaluation protocol reads one (:mod:`medssr_jax.evaluation`): one
-greedy token after ``prompt + completion + "The answer is "``, restricted to
-the item's option letters; such votes are counted in ``n_recovered``. An item whose answers are all unparseable has label
-``None`` and confidence 0 and is always dropped. An item is kept when
-``confidence >= threshold``.
+:func:`medssr_jax.sampler.generate` from the protocol's prompt
+(:class:`medssr_jax.protocol.Prompter`: under the default ``medssr``
+protocol the evaluation harness's prompt, so votes are cast on the prompt
+the policy is evaluated on); each completion's answer is read by the same
+protocol (:meth:`Prompter.read`) and :func:`medssr_jax.answers.majority_vote`
+over the item's option letters gives the label, its confidence (votes for
+the label / n, unreadable answers and letters that are no option included in
+n), the votes per option and the number of unreadable answers. Ties go to the
+letter that appears first in sample order (the ``majority_vote`` rule). With
+``recover=True`` an unreadable answer is read as the evaluation reads one:
+``medssr``, the harness's logit-biased greedy decode after its recovery
+prompt, biased towards the item's option letters; ``legacy``, one greedy
+token after ``prompt + completion + "The answer is "`` restricted to them.
+Such votes are counted in ``n_recovered``. An item whose answers are all
+unreadable has label ``None`` and confidence 0 and is always dropped.
+
+Keep rule: ``keep="gt"`` (the paper: confidence *exceeds* the threshold) or
+``"ge"`` (confidence >= threshold).
 
 Outputs in ``out_dir`` (when given):
 
@@ -22,7 +27,7 @@ Outputs in ``out_dir`` (when given):
                            unparseable_share, intended_answer, answers}``
 ``pseudo_label_votes.jsonl``  the same record for every item, with ``kept``
 ``label_summary.json``     ``{items, kept, dropped, dropped_no_label,
-                           threshold, n, label_distribution (kept items),
+                           threshold, keep, n, label_distribution (kept items),
                            mean_confidence, unparseable_share,
                            agreement_with_intended (kept items that have one)}``
 
@@ -40,13 +45,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medssr_jax.answers import extract_answer, majority_vote
-from medssr_jax.chat import format_chat
+from medssr_jax.answers import majority_vote
+from medssr_jax.protocol import Prompter, biased_greedy, normalize_prediction, question_text
 
-__all__ = ["INSTRUCTION", "LabelledItem", "build_prompt", "pseudo_label", "summarize"]
+__all__ = ["KEEP_RULES", "LabelledItem", "keeps", "pseudo_label", "summarize"]
 
-INSTRUCTION = ("Answer the multiple-choice question. Think briefly, then finish with "
-               "\"The answer is X\" where X is the letter of the correct option.")
+KEEP_RULES = ("gt", "ge")
 
 
 @dataclass
@@ -77,34 +81,36 @@ def _fields(item: Any) -> tuple[str, str, dict[str, str], str | None]:
     return str(ident), item.question, dict(item.options), getattr(item, "intended_answer", None)
 
 
-def build_prompt(question: str, options: Mapping[str, str], template: str) -> str:
-    body = question.strip() + "\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
-    return format_chat([{"role": "user", "content": f"{INSTRUCTION}\n\n{body}"}], template)
+class _Codec:
+    """A tokenizer stand-in over an ``(encode, decode)`` pair (no chat template)."""
+
+    chat_template = None
+    bos_token_id = None
+    pad_token_id = None
+
+    def __call__(self, text: str, **_) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+    def __init__(self, encode: Callable[[str], Sequence[int]], decode: Callable[[Sequence[int]], str]):
+        self._encode, self._decode = encode, decode
+
+    def encode(self, text: str, **_) -> list[int]:
+        return list(self._encode(text))
+
+    def decode(self, tokens: Sequence[int], **_) -> str:
+        return self._decode(list(tokens))
 
 
-def _codec(tokenizer) -> tuple[Callable[[str], list[int]], Callable[[Sequence[int]], str]]:
-    """(encode, decode) from a tokenizer object or an ``(encode, decode)`` pair."""
-    if isinstance(tokenizer, tuple):
-        enc, dec = tokenizer
-        return (lambda s: list(enc(s))), (lambda t: dec(list(t)))
-
-    def encode(text: str) -> list[int]:
-        try:
-            out = tokenizer.encode(text, add_special_tokens=False)
-        except TypeError:
-            out = tokenizer.encode(text)
-        return list(getattr(out, "ids", out))
-
-    def decode(tokens: Sequence[int]) -> str:
-        try:
-            return tokenizer.decode(list(tokens), skip_special_tokens=True)
-        except TypeError:
-            return tokenizer.decode(list(tokens))
-
-    return encode, decode
+def keeps(label: str | None, confidence: float, threshold: float, keep: str = "gt") -> bool:
+    """Whether a vote's label is kept under the keep rule."""
+    if keep not in KEEP_RULES:
+        raise ValueError(f"keep must be one of {KEEP_RULES}, got {keep!r}")
+    if label is None:
+        return False
+    return confidence > threshold if keep == "gt" else confidence >= threshold
 
 
-def summarize(records: Sequence[LabelledItem], threshold: float, n: int) -> dict[str, Any]:
+def summarize(records: Sequence[LabelledItem], threshold: float, n: int, keep: str = "gt") -> dict[str, Any]:
     kept = [r for r in records if r.kept]
     total_answers = sum(r.n for r in records)
     with_intended = [r for r in kept if r.intended_answer is not None]
@@ -114,6 +120,7 @@ def summarize(records: Sequence[LabelledItem], threshold: float, n: int) -> dict
         "dropped": len(records) - len(kept),
         "dropped_no_label": sum(r.label is None for r in records),
         "threshold": threshold,
+        "keep": keep,
         "n": n,
         "label_distribution": dict(sorted(Counter(r.label for r in kept).items())),
         "mean_confidence": (sum(r.confidence for r in records) / len(records)) if records else 0.0,
@@ -125,7 +132,8 @@ def summarize(records: Sequence[LabelledItem], threshold: float, n: int) -> dict
 
 
 def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshold: float = 0.75,
-                 template: str | None = None, max_new_tokens: int = 512, temperature: float = 1.0,
+                 keep: str = "gt", template: str | None = None, protocol: str = "medssr",
+                 prompter: Prompter | None = None, max_new_tokens: int = 512, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  eos_ids: Sequence[int] | None = None, batch_size: int = 16,
                  out_dir: str | os.PathLike | None = None,
@@ -134,58 +142,81 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
     """Label ``items`` (dicts / SynthItem / SeedQuestion with question and
     options) by majority vote over ``n`` samples; see the module docstring.
 
-    ``tokenizer``: an object with ``encode``/``decode`` or an
-    ``(encode, decode)`` pair. ``template`` defaults to the model config's
-    chat template. ``generate_fn`` replaces the sampler (same signature as
+    ``tokenizer``: a tokenizer object or an ``(encode, decode)`` pair.
+    ``prompter`` (else one of ``protocol`` is built from the tokenizer,
+    ``template`` (default: the model config's chat template), the model's
+    family and ``lenient``) gives prompts, answer reading and recovery.
+    ``generate_fn`` replaces the sampler (same signature as
     :func:`medssr_jax.sampler.generate`). Returns ``(records, summary)``.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if keep not in KEEP_RULES:
+        raise ValueError(f"keep must be one of {KEEP_RULES}, got {keep!r}")
     if n < 1 or batch_size < 1:
         raise ValueError("n and batch_size must be >= 1")
     if generate_fn is None:
         from medssr_jax.sampler import generate as generate_fn
     cfg = getattr(model, "config", None)
-    template = template or getattr(cfg, "chat_template", None) or "raw"
     eos = list(eos_ids if eos_ids is not None else getattr(cfg, "eos_token_ids", ()))
-    encode, decode = _codec(tokenizer)
+    if prompter is None:
+        if recover and isinstance(tokenizer, tuple):
+            raise ValueError("recover=True needs a tokenizer object, not an (encode, decode) pair")
+        tok = _Codec(*tokenizer) if isinstance(tokenizer, tuple) else tokenizer
+        prompter = Prompter(tok, template or getattr(cfg, "chat_template", None) or "raw",
+                            family=getattr(cfg, "family", None) or "llama", protocol=protocol, lenient=lenient)
+    tok = prompter.tokenizer
+
+    def decode(tokens: Sequence[int]) -> str:
+        return tok.decode(list(tokens), skip_special_tokens=True)
+
     fields = [_fields(it) for it in items]
     letter_tokens = None
-    if recover:
-        if isinstance(tokenizer, tuple):
-            raise ValueError("recover=True needs a tokenizer object, not an (encode, decode) pair")
+    if recover and prompter.protocol == "legacy":
         from medssr_jax.evaluation import option_letter_ids
-        letter_tokens = option_letter_ids(tokenizer, "".join(sorted({k for _, _, o, _ in fields for k in o})))
+        letter_tokens = option_letter_ids(tok, "".join(sorted({k for _, _, o, _ in fields for k in o})))
     max_len = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+    pad_id = int(getattr(tok, "pad_token_id", None) or 0)
     records: list[LabelledItem] = []
     for b, start in enumerate(range(0, len(fields), batch_size)):
         chunk = fields[start:start + batch_size]
-        prompts = [encode(build_prompt(q, opts, template)) for _, q, opts, _ in chunk]
+        prompts = [prompter.prompt_ids(q, opts) for _, q, opts, _ in chunk]
         groups = generate_fn(model, prompts, n=n, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + b,
                              eos_ids=eos)
         answers_of, pending = [], []  # pending: (row, vote, recovery context, letters)
-        for row, ((_, _, opts, _), prompt, group) in enumerate(zip(chunk, prompts, groups, strict=True)):
+        for row, ((_, q, opts, _), prompt, group) in enumerate(zip(chunk, prompts, groups, strict=True)):
             letters = "".join(opts)
             answers = []
             for v, c in enumerate(group):
                 toks = list(c.tokens)
                 while toks and toks[-1] in eos:
                     toks.pop()
-                answers.append(extract_answer(decode(toks), letters, lenient=lenient))
-                if answers[-1] is None and letter_tokens is not None:
-                    from medssr_jax.evaluation import recovery_context
-                    pending.append((row, v, recovery_context(prompt, c.tokens, letter_tokens.suffix_ids,
-                                                             max_len, eos), letters))
+                text = decode(toks)
+                answers.append(prompter.read(text, letters))
+                if answers[-1] is None and recover:
+                    if letter_tokens is not None:
+                        from medssr_jax.evaluation import recovery_context
+                        ctx = recovery_context(prompt, c.tokens, letter_tokens.suffix_ids, max_len, eos)
+                    else:
+                        ctx = prompter.encode(prompter.recovery_text(question_text(q, opts), text.strip()))
+                    pending.append((row, v, ctx, letters))
             answers_of.append(answers)
         recovered = Counter()
         if pending:
-            from medssr_jax.evaluation import recover_letters
-            read = recover_letters(model, [p[2] for p in pending], [p[3] for p in pending], letter_tokens,
-                                   pad_id=int(getattr(tokenizer, "pad_token_id", None) or 0))
+            if letter_tokens is not None:
+                from medssr_jax.evaluation import recover_letters
+                read = recover_letters(model, [p[2] for p in pending], [p[3] for p in pending], letter_tokens,
+                                       pad_id=pad_id)
+            else:
+                outs = biased_greedy(model, [p[2] for p in pending],
+                                     [prompter.biased_ids(p[3]) for p in pending],
+                                     max_tokens=prompter.recovery_tokens, stop_ids=eos, pad_id=pad_id)
+                read = [normalize_prediction(decode(o)) for o in outs]
+                read = [x if x in p[3] else None for x, p in zip(read, pending)]
             for (row, v, _, _), letter in zip(pending, read):
                 answers_of[row][v] = letter
-                recovered[row] += 1
+                recovered[row] += letter is not None
         for row, (ident, q, opts, intended) in enumerate(chunk):
             answers = answers_of[row]
             vote = majority_vote(answers, "".join(opts))
@@ -193,9 +224,9 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
                 id=ident, question=q, options=opts, label=vote.label, confidence=vote.confidence,
                 counts=vote.counts, n=vote.n, n_unparseable=vote.n_unparseable,
                 unparseable_share=vote.n_unparseable / vote.n if vote.n else 0.0,
-                kept=vote.label is not None and vote.confidence >= threshold,
+                kept=keeps(vote.label, vote.confidence, threshold, keep),
                 n_recovered=recovered[row], answers=answers, intended_answer=intended))
-    summary = summarize(records, threshold, n)
+    summary = summarize(records, threshold, n, keep)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -112,9 +112,9 @@ def test_option_reward():
 STEM = "A 60-year-old woman has fatigue and a hemoglobin of 8 g/dL.\nWhat is the next step?"
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5])
-def test_parse_options_2_to_5(n):
-    letters = "ABCDE"[:n]
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 10])
+def test_parse_options_2_to_10(n):
+    letters = "ABCDEFGHIJ"[:n]
     text = STEM + "\n" + "\n".join(f"{c}. choice {c.lower()}" for c in letters)
     stem, opts = parse_options(text)
     assert stem == STEM

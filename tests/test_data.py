@@ -36,10 +36,12 @@ def test_mcq_prompt_letters_and_validation():
         MCQ(id="q", question="Q", options={"A": "x", "B": "y"}, answer="C")
     with pytest.raises(ValueError, match="consecutive"):
         MCQ(id="q", question="Q", options={"A": "x", "C": "y"})
-    with pytest.raises(ValueError, match="2 to 5"):
+    with pytest.raises(ValueError, match="2 to 10"):
         MCQ(id="q", question="Q", options={"A": "x"})
-    with pytest.raises(ValueError, match="2 to 5"):
-        MCQ(id="q", question="Q", options={k: k for k in "ABCDEF"})
+    with pytest.raises(ValueError, match="2 to 10"):
+        MCQ(id="q", question="Q", options={k: k for k in "ABCDEFGHIJK"})
+    ten = MCQ(id="q", question="Q", options={k: k for k in "ABCDEFGHIJ"}, answer="J")  # MedXpertQA has A..J
+    assert ten.letters == "ABCDEFGHIJ"
 
 
 # --- MedSSR evaluation format --------------------------------------------------------
@@ -262,7 +264,7 @@ def test_read_headqa_layouts(tmp_path):
 @pytest.mark.parametrize("q, reason", [
     (_hq(3, ra=9), "bad_answer"),
     (_hq(3, answers=[]), "no_options"),
-    (_hq(3, n=6), "bad_options"),
+    (_hq(3, n=11), "bad_options"),
     (_hq(3, qtext=""), "missing_field"),
     (_hq(3, answers=[{"aid": 1}]), "bad_options"),
 ])

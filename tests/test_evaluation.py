@@ -277,8 +277,8 @@ def test_write_results(tiny, tok, tmp_path):
     assert rows[0].startswith("| benchmark |")
     body = rows[1:]
     assert len(body) == 2
-    assert body[0] == f"| bench | 3 | 66.67 ± {100 * np.std([1, 2 / 3, 1, 0]):.2f} | 16.67 |"
-    assert body[1] == "| yesno | 1 | 100.00 ± 0.00 | 0.00 |"
+    assert body[0] == f"| bench | 3 | 66.67 ± {100 * np.std([1, 2 / 3, 1, 0]):.2f} | 16.67 | 0 |"
+    assert body[1] == "| yesno | 1 | 100.00 ± 0.00 | 0.00 | 0 |"
 
 
 # --- real SmolLM2 weights against transformers -----------------------------------------------

@@ -87,15 +87,62 @@ def test_eval_stage_on_the_base_model(tmp_path):
     cfg = pipeline_preset("tiny", eval_items_per_benchmark=2, eval_generations=2, eval_max_new_tokens=8)
     pipe = Pipeline(cfg, tmp_path, Inputs())
     result = pipe.run_stage("eval")
-    out = tmp_path / "eval"
+    out = tmp_path / "eval" / "base"
     results = json.loads((out / "results.json").read_text())
+    assert results["config"]["protocol"] == "medssr" and results["config"]["policy"] == "base"
     assert set(results["benchmarks"]) == {"medqa", "medmcqa", "mmlu", "pubmedqa", "bioasq", "medbullets"}
-    for b in results["benchmarks"].values():
+    for name, b in results["benchmarks"].items():
         assert b["n"] == 2 and 0.0 <= b["accuracy_mean"] <= 1.0
-        assert all(p in b["letters"] for item in b["items"] for p in item["predictions"])  # recovery fills in
+        # 8 new tokens never state an answer: every prediction is the biased recovery decode,
+        # among the file's gold letters
+        assert all(p in b["allowed_letters"] for item in b["items"] for p in item["predictions"])
+        assert b["recovered"] == 4 and b["skipped"] == {}
+        rows = [json.loads((out / f"{name}_gen{g}.json").read_text()) for g in range(2)]
+        assert [len(r) for r in rows] == [2, 2] and all(row["recovery_used"] for r in rows for row in r)
+        log = json.loads((out / f"{name}.eval.log").read_text())
+        assert log["average_accuracy"] == b["average_accuracy"] and log["num_generations"] == 2
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["summary"]["policy"] == "base"
+    assert result["summary"]["policies"] == ["base"] and result["summary"]["protocol"] == "medssr"
     assert (out / "results.md").read_text().count("\n| ") >= 6
+
+
+def test_eval_only_on_a_file_of_ones_own(tmp_path):
+    """An eval-only run on a file without medqa.json beside it needs no held-out seeds; NEJM-style
+    records (extra fields, five options) load, and --eval_filter keeps the marked subset."""
+    recs = [{"id": f"nejm-{i}", "question": f"Case {i}?\nA. a\nB. b\nC. c\nD. d\nE. e", "gold": "ABCDE"[i % 5],
+             "name": "NEJM", "answer_content": "x", "is_reasoning": i % 2 == 0, "reasoning_prob": 0.5}
+            for i in range(5)]
+    f = tmp_path / "nejm.json"
+    f.write_text(json.dumps(recs))
+    cfg = pipeline_preset("tiny", eval_generations=1, eval_max_new_tokens=4, eval_items_per_benchmark=None,
+                          eval_filter="is_reasoning")
+    pipe = Pipeline(cfg, tmp_path / "run", Inputs(benchmarks=str(f)))
+    pipe.check_inputs(("eval",))
+    pipe.run_stage("eval")
+    b = json.loads((tmp_path / "run" / "eval" / "base" / "results.json").read_text())["benchmarks"]["nejm"]
+    assert [it["id"] for it in b["items"]] == ["nejm-0", "nejm-2", "nejm-4"]
+    assert b["allowed_letters"] == list("ABCDE")  # from the whole file
+
+
+def test_eval_fails_loudly_on_unusable_benchmark_files(tmp_path):
+    cfg = pipeline_preset("tiny", eval_generations=1, eval_max_new_tokens=4)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no benchmark files"):
+        Pipeline(cfg, tmp_path / "r1", Inputs(benchmarks=str(empty))).run_stage("eval")
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"none.json: no readable records"):
+        Pipeline(cfg, tmp_path / "r2", Inputs(benchmarks=str(tmp_path / "none.json"))).run_stage("eval")
+    lossy = tmp_path / "lossy.json"
+    lossy.write_text(json.dumps([{"id": "a", "question": "Q?\nA. x\nB. y", "gold": "A"},
+                                 {"id": "b", "question": "Q?", "gold": ""}]))
+    with pytest.raises(ValueError, match=r"lossy.json: 1 records could not be read .*--eval_allow_partial"):
+        Pipeline(cfg, tmp_path / "r3", Inputs(benchmarks=str(lossy))).run_stage("eval")
+    assert json.loads((tmp_path / "r3" / "eval" / "manifest.json").read_text())["status"] != "done"
+    res = Pipeline(cfg.replace(eval_allow_partial=True), tmp_path / "r4", Inputs(benchmarks=str(lossy))).run_stage("eval")
+    assert res["summary"]["partial"] == {"base": {"lossy": {"missing_field": 1}}}
+    table = (tmp_path / "r4" / "eval" / "base" / "results.md").read_text()
+    assert "| lossy | 1 |" in table and table.rstrip().endswith("| 1 |")
 
 
 def test_policy_loading_follows_the_preset(tmp_path):
