@@ -14,7 +14,7 @@ from pathlib import Path
 
 from launch.rundir import RunDir
 
-STAGE_ORDER = ("synthesize", "label", "rl_self", "rl_sup", "eval", "export")
+STAGE_ORDER = ("synthesize", "label", "rl_self", "rl_sup", "rl_mixed", "eval", "export")
 
 
 def _read_json(path: Path):
@@ -57,6 +57,61 @@ def plot_reward_curves(histories: dict[str, list[dict]], path: Path) -> Path | N
     return path
 
 
+def method_settings(manifests: dict[str, dict | None]) -> dict[str, str]:
+    """The settings the paper's ablations change, as recorded in a run's manifests."""
+    def cfg(stage):
+        return (manifests.get(stage) or {}).get("config", {})
+    out = {}
+    if manifests.get("synthesize"):
+        out["alpha"] = str(cfg("synthesize").get("alpha"))
+    if manifests.get("label"):
+        c = cfg("label")
+        out["pseudo-label filter"] = f"confidence {'>=' if c.get('label_keep') == 'ge' else '>'} " \
+                                     f"{c.get('label_threshold')}"
+    grpo = [s for s in ("rl_self", "rl_sup", "rl_mixed") if manifests.get(s)]
+    if grpo:
+        out["GRPO stages"] = " -> ".join(grpo)
+        sup = manifests.get("rl_sup") or {}
+        if sup:
+            out["stage 2 starts from"] = str((sup.get("summary") or {}).get("start_policy", "?"))
+        mixed = manifests.get("rl_mixed") or {}
+        if mixed:
+            out["mix ratio"] = str(cfg("rl_mixed").get("mix_ratio") or "all items of both sets")
+    if manifests.get("eval"):
+        out["evaluation protocol"] = str(cfg("eval").get("eval_protocol", "legacy"))
+    return out
+
+
+def evaluations(root: Path) -> dict[str, dict]:
+    """The evaluation results of a run directory by policy (``eval/<policy>/results.json``)."""
+    out = {}
+    order = {"base": 0, "rl_self": 1, "rl_mixed": 2, "rl_sup": 3}
+    for path in sorted((root / "eval").glob("*/results.json"), key=lambda p: (order.get(p.parent.name, 9), p)):
+        out[path.parent.name] = json.loads(path.read_text())
+    return out
+
+
+def comparison_table(columns: dict[str, dict]) -> str:
+    """Markdown: one row per benchmark, one column per evaluation (results.json
+    objects by name), accuracy mean ± std in %, and an average row."""
+    names = list(columns)
+    benches = list(dict.fromkeys(b for r in columns.values() for b in r["benchmarks"]))
+    lines = ["| benchmark | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    means = {n: [] for n in names}
+    for b in benches:
+        cells = []
+        for n in names:
+            r = columns[n]["benchmarks"].get(b)
+            if r is None:
+                cells.append("")
+                continue
+            means[n].append(100 * r["accuracy_mean"])
+            cells.append(f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines.append("| average | " + " | ".join(f"{sum(v) / len(v):.2f}" if v else "" for v in means.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> Path:
     run = RunDir(workdir)
     root = run.root
@@ -75,12 +130,18 @@ def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> P
         lines += ["", f"Model input: `{first['inputs'].get('model')}`; code version "
                   f"`{first.get('code_version')}`; preset `{first['config'].get('name')}`."]
 
+    settings = method_settings(manifests)
+    if settings:
+        lines += ["", "Method settings (the paper's ablations): " + "; ".join(f"{k} {v}" for k, v in settings.items())
+                  + "."]
+
     synth = root / "synthesize" / "synthetic.jsonl"
     if synth.is_file():
         items = [json.loads(x) for x in synth.read_text().splitlines() if x.strip()]
         rare = sum(1 for it in items if it.get("provenance", {}).get("entity"))
         lines += ["", "## Synthetic questions", "",
-                  f"{len(items)} items; {rare} with injected rare-disease knowledge "
+                  f"{len(items)} items; {rare} with injected rare-disease knowledge (alpha "
+                  f"{(manifests.get('synthesize') or {}).get('config', {}).get('alpha', '?')}) "
                   f"(retrieved profiles in each item's provenance)."]
         for it in items[:2]:
             opts = "; ".join(f"{k}. {v}" for k, v in it["options"].items())
@@ -92,14 +153,15 @@ def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> P
         agree = summary.get("agreement_with_intended")
         lines += ["", "## Pseudo-labels", "",
                   f"- {summary['items']} items x {summary['n']} votes; kept {summary['kept']} "
-                  f"(confidence >= {summary['threshold']}), dropped {summary['dropped']} "
+                  f"(confidence {'>=' if summary.get('keep') == 'ge' else '>'} {summary['threshold']}), "
+                  f"dropped {summary['dropped']} "
                   f"({summary['dropped_no_label']} without a readable majority)",
                   f"- mean confidence {summary['mean_confidence']:.3f}; unreadable votes "
                   f"{100 * summary['unparseable_share']:.1f}%",
                   f"- kept labels by letter: {summary['label_distribution']}"
                   + (f"; agreement with the generator's answer {100 * agree:.1f}%" if agree is not None else "")]
 
-    histories = {s: _read_json(root / s / "history.json") or [] for s in ("rl_self", "rl_sup")}
+    histories = {s: _read_json(root / s / "history.json") or [] for s in ("rl_self", "rl_sup", "rl_mixed")}
     if any(histories.values()):
         lines += ["", "## GRPO", "", "| stage | step | reward | accuracy | kl | clip frac | response len | "
                   "seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -111,16 +173,22 @@ def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> P
         if plot_reward_curves(histories, root / "reward_curves.png"):
             lines += ["", "![reward per step](reward_curves.png)"]
 
-    table = root / "eval" / "results.md"
-    if table.is_file():
-        results = _read_json(root / "eval" / "results.json") or {}
-        cfg = results.get("config", {})
-        policy = (manifests.get("eval") or {}).get("summary", {}).get("policy", "?")
+    evaluated = evaluations(root)
+    if evaluated:
+        first = next(iter(evaluated.values()))
+        cfg = first.get("config", {})
         lines += ["", "## Evaluation", "",
-                  f"Policy: {policy}; {cfg.get('num_generations', '?')} generations per item at temperature "
-                  f"{cfg.get('temperature', '?')}.", "", table.read_text().rstrip()]
-        if (root / "eval" / "accuracy.png").is_file():
-            lines += ["", "![accuracy per benchmark](eval/accuracy.png)"]
+                  f"Protocol {cfg.get('protocol', 'legacy')}; {cfg.get('num_generations', '?')} generations per item "
+                  f"at temperature {cfg.get('temperature', '?')}; accuracy in % (mean ± std over generations), "
+                  f"each policy beside the base model.", ""]
+        lines += comparison_table({name: r for name, r in evaluated.items()}).splitlines()
+        skipped = {f"{p}/{b}": r.get("skipped") for p, res in evaluated.items()
+                   for b, r in res["benchmarks"].items() if r.get("skipped")}
+        if skipped:
+            lines += ["", f"Records lost to read errors (partial results): {skipped}"]
+        for name in evaluated:
+            if (root / "eval" / name / "accuracy.png").is_file():
+                lines += ["", f"![accuracy of {name}](eval/{name}/accuracy.png)"]
     path = root / "report.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")

@@ -532,6 +532,7 @@ def evaluate_medssr(model, prompter, files: Sequence, *, num_generations: int = 
     gen = generate_fn or _sampler_generate
     eos = list(_default_eos(model, tokenizer, prompter.template) if eos_ids is None else eos_ids)
     eos_set = set(eos)
+    model_name = model_name.rstrip("/").split("/")[-1]  # as the harness names a model path
     t0 = time.perf_counter()
 
     entries = [(f, k, prompter.prompt_ids(r["question"])) for f, bf in enumerate(files)

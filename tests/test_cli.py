@@ -62,6 +62,10 @@ def run_cli(args: list[str], *, env: dict | None = None, kill_on: tuple[str, ...
     (["--stage=label", "--seeds=/no/seeds.json"], r"^label: /no/seeds\.json: no such file or directory \(--seeds\)$"),
     (["--benchmarks=/no/bench"], r"^all: /no/bench: no benchmark files; pass --benchmarks="),
     (["--steps=0"], r"^all: steps must be >= 1, got 0$"),
+    (["--eval_temperature=-1"], r"^all: eval_temperature must be >= 0 \(0: greedy\), got -1\.0$"),
+    (["--skip_stages=label"], r"^all: skip_stages takes rl_self, rl_sup and export, got label$"),
+    (["--real_data=/no/real.json"], r"^all: /no/real\.json: no such file or directory \(--real_data\)$"),
+    (["--mix_ratio=0.5"], r"^all: mix_ratio needs rl_mode=mixed$"),
     (["stray"], r"^unexpected arguments: stray \(flags are --name=value; see --help\)$"),
 ])
 def test_bad_flags_give_one_clear_line(tmp_path, args, message):
@@ -78,10 +82,13 @@ def test_help_documents_every_flag():
     for flag in ("stage", "config", "workdir", "model", "seeds", "real_data", "benchmarks", "alpha",
                  "num_questions", "num_votes", "label_threshold", "openai_base_url", "synth_model",
                  "num_generations", "max_new_tokens", "temperature", "steps", "seed",
-                 "coordinator_address", "num_processes", "process_id"):
-        m = re.search(rf"^  --{flag}: (.+)$", out, re.MULTILINE)
+                 "coordinator_address", "num_processes", "process_id", "eval_protocol", "eval_num_generations",
+                 "eval_temperature", "eval_top_p", "eval_top_k", "eval_max_new_tokens", "eval_items", "eval_filter",
+                 "eval_policies", "eval_allow_partial", "label_keep", "skip_stages", "rl_mode", "mix_ratio",
+                 "real_cap", "synth_generator", "retrieval_k"):
+        m = re.search(rf"^  --(?:\[no\])?{flag}: (.+)$", out, re.MULTILINE)
         assert m and len(m.group(1)) > 10, flag
-    for stage in ("synthesize", "label", "rl_self", "rl_sup", "eval", "export", "all"):
+    for stage in ("synthesize", "label", "rl_self", "rl_sup", "rl_mixed", "eval", "export", "all"):
         assert re.search(rf"^  {stage}\s+\S", out, re.MULTILINE), stage
 
 
@@ -116,13 +123,15 @@ def test_api_synthesis_from_the_command_line(tmp_path):
 
 
 def _outputs(workdir: Path) -> dict:
-    results = json.loads((workdir / "eval" / "results.json").read_text())
+    results = {p.parent.name: json.loads(p.read_text()) for p in sorted((workdir / "eval").glob("*/results.json"))}
+    assert list(results) == ["base", "rl_sup"]
     return {
         "synthetic": file_digest(workdir / "synthesize" / "synthetic.jsonl"),
         "labels": file_digest(workdir / "label" / "pseudo_labelled.jsonl"),
         "rl_self": file_digest(workdir / "rl_self" / "model"),
         "rl_sup": file_digest(workdir / "rl_sup" / "model"),
-        "eval": {b: [it["predictions"] for it in r["items"]] for b, r in results["benchmarks"].items()},
+        "eval": {p: {b: [it["predictions"] for it in r["items"]] for b, r in res["benchmarks"].items()}
+                 for p, res in results.items()},
         "export": file_digest(workdir / "export" / "model"),
         "history": {s: [(h["step"], h["reward_mean"], h["loss"]) for h in
                         json.loads((workdir / s / "history.json").read_text())] for s in ("rl_self", "rl_sup")},
@@ -149,7 +158,8 @@ def test_all_resumes_after_a_kill_in_every_stage(tmp_path):
     for stage in STAGES:
         assert re.search(rf"^\| {stage} \| done \| \d+ \|", report, re.MULTILINE), stage
     assert "| rl_sup | 3 |" in report and "## Pseudo-labels" in report and "| medqa | " in report
-    for png in ("reward_curves.png", "eval/accuracy.png"):
+    assert "| benchmark | base | rl_sup |" in report
+    for png in ("reward_curves.png", "eval/base/accuracy.png", "eval/rl_sup/accuracy.png"):
         assert f"]({png})" in report
         assert (tmp_path / "straight" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from launch.pipeline import resolve_model  # --model=<run directory>: its latest policy

@@ -19,6 +19,7 @@ from medssr_jax.evaluation import (
     build_prompt,
     encode_prompt,
     evaluate,
+    evaluate_medssr,
     greedy_predictions,
     option_letter_ids,
     recovery_context,
@@ -365,3 +366,157 @@ def test_smollm2_greedy_agrees_with_transformers():
     print(f"\nSmolLM2 greedy agreement with transformers: {agree}/{len(records)} predictions; "
           f"recovered {sum(it['recovered'][0] for it in items)}; predictions "
           f"{[it['predictions'][0] for it in items]} gold {[r.answer for r in records]}")
+
+
+# --- the MedSSR protocol: evaluate_medssr against the harness's transcription --------------
+
+def _bench_file(name, records):
+    from medssr_jax.data import BenchmarkFile
+    from medssr_jax.protocol import allowed_letters
+    return BenchmarkFile(name=name, path=Path(f"{name}.json"), records=records, letters=allowed_letters(records))
+
+
+class ScriptedById:
+    """A generate_fn that answers each prompt with the texts scripted for the record whose
+    question text the prompt holds."""
+
+    def __init__(self, tok, records, script):
+        self.tok, self.by_question, self.script = tok, {r["question"]: r["id"] for r in records}, script
+
+    def __call__(self, model, prompts, *, n, **kw):
+        out = []
+        for p in prompts:
+            text = self.tok.decode(p)
+            rid = next(i for q, i in self.by_question.items() if q in text)
+            group = []
+            for g, t in enumerate(self.script[rid][:n]):
+                ids = self.tok(t, add_special_tokens=False)["input_ids"]
+                group.append(Completion(ids + [EOS] * (g % 2 == 0), [0.0] * (len(ids) + (g % 2 == 0)), "eos"))
+            out.append(group)
+        return out
+
+
+def test_evaluate_medssr_equals_the_harness_bookkeeping(tiny, tok, tmp_path):
+    """Scripted generations through evaluate_medssr give the harness's per-generation files,
+    order, predictions, recovery prompts and log entry (tests/harness_oracle.py), the
+    recovery decode included (one biased greedy token of the tiny model, Qwen rule)."""
+    from medssr_jax.protocol import Prompter
+    from tests import harness_oracle as oracle
+
+    records = [{"id": f"q{i}", "question": f"Question {i}?\nA. a{i}\nB. b{i}\nC. c{i}\nD. d{i}",
+                "gold": "ABCD"[i % 4], "name": "toy", "long": False} for i in range(5)]
+    records[4]["gold"] = "b"  # the harness upper-cases gold letters
+    script = {
+        "q0": ["The answer is A", "so the answer is b", "nothing here"],
+        "q1": ["The answer is $\\boxed{B}$", "The answer is [C]", "The answer is Amoxicillin"],
+        "q2": ["I cannot tell.", "The answer is (C).", "The answer is C."],
+        "q3": ["The answer is Z", "  The answer is D  ", "THE ANSWER IS d"],
+        "q4": ["", "The answer is B", "the answer is c"],
+    }
+    prompter = Prompter(tok, "raw", "qwen3")
+    res = evaluate_medssr(tiny, prompter, [_bench_file("toy", records)], num_generations=3, temperature=0.6,
+                          max_new_tokens=32, eos_ids=[EOS], model_name="models/tiny-base",
+                          generate_fn=ScriptedById(tok, records, script))
+    b = res["benchmarks"]["toy"]
+
+    biased = prompter.biased_ids(oracle.allowed_letters(records))
+
+    def recover(item, answer):  # the harness's constrained decode, with a plain forward pass
+        ctx = tok.encode(oracle.build_recovery_prompt(item, answer, tok, True))
+        logits = np.asarray(tiny(jnp.asarray([ctx], jnp.int32)))[0, -1].astype(np.float32)
+        logits[biased] += 100.0
+        logits[EOS] = -np.inf  # min_tokens=1
+        return tok.decode([int(np.argmax(logits))], skip_special_tokens=True)
+
+    texts = [script[r["id"]] for r in records]
+    params = dict(temperature=0.6, top_p=0.95, top_k=20, max_tokens=32, num_generations=3, seed=0)
+    groups, log = oracle.run(records, texts, recover, "models/tiny-base", params)
+    assert [len(g) for g in b["generations"]] == [len(g) for g in groups] == [5, 5, 5]
+    for g, (mine, theirs) in enumerate(zip(b["generations"], groups)):
+        for row, expected in zip(mine, theirs):
+            assert row == expected, g
+    assert b["log_entry"] == log
+    assert b["per_generation"] == log["per_generation"] and b["average_accuracy"] == log["average_accuracy"]
+    assert b["recovered"] == sum(row["recovery_used"] for g in groups for row in g) == 4
+    theirs = {(row["id"], row["generation_idx"]): oracle.generation_scores([row]) and
+              (row["pred"] or "UNKNOWN").strip().rstrip(".").upper() for g in groups for row in g}
+    assert [it["predictions"] for it in b["items"]] == [[theirs[r["id"], g] for g in range(3)] for r in records]
+    assert [it["predictions"][1] for it in b["items"]][:2] == ["B", "C"] and b["items"][3]["predictions"][0] == "Z"
+    paths = write_results(res, tmp_path)
+    assert [json.loads((tmp_path / f"toy_gen{g}.json").read_text()) for g in range(3)] == groups
+    assert json.loads((tmp_path / "toy.eval.log").read_text()) == log
+    assert "generations" not in json.loads(paths["json"].read_text())["benchmarks"]["toy"]
+
+
+@pytest.mark.real_assets
+def test_smollm2_medssr_eval_agrees_with_transformers_and_the_logit_bias():
+    """The eval protocol's per-item predictions on SmolLM2 (greedy, CPU) equal those of
+    transformers' generate on the harness's prompts, with the harness's +100 logits-bias
+    processor in the recovery pass (Llama rule: two tokens, "X." ids biased)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    from medssr_jax import assets
+    from medssr_jax.data import read_benchmark_file
+    from medssr_jax.protocol import Prompter
+    from models.gguf import tokenizer_from_gguf
+    from tests import harness_oracle as oracle
+    from tests.test_smollm2 import load_transformers
+
+    class LogitBias(LogitsProcessor):  # the harness's utils/logits_bias.py processor
+        def __init__(self, ids, scale=100.0):
+            self.ids, self.scale = ids, scale
+
+        def __call__(self, input_ids, scores):
+            scores[:, self.ids] += self.scale
+            return scores
+
+    new_tokens = 40
+    benchmarks = ("medqa", "medmcqa", "mmlu", "pubmedqa", "bioasq", "medbullets")
+    files = []
+    for b in benchmarks:
+        bf = read_benchmark_file(_eval_dir() / f"{b}.json")
+        bf.records = bf.records[:2]  # the allowed letters stay those of the whole file
+        files.append(bf)
+    path = assets.smollm2_gguf()
+    tok = tokenizer_from_gguf(path)
+    ours, cfg = models.from_pretrained(path, dtype="float32")
+    prompter = Prompter(tok, "smollm2", cfg.family)
+    eos = [2, 0]
+    res = evaluate_medssr(ours, prompter, files, num_generations=1, temperature=0.0, top_p=1.0, top_k=0,
+                          max_new_tokens=new_tokens, eos_ids=eos)
+
+    hf = load_transformers(path)
+
+    def hf_generate(ids, **kw):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              generation_config=GenerationConfig(do_sample=False, pad_token_id=2, eos_token_id=eos,
+                                                                 **kw))
+        return out[0, len(ids):].tolist()
+
+    agree = recovered = 0
+    for bf in files:
+        biased = oracle.biased_token_ids(tok, bf.letters, "meta-llama/SmolLM2-135M-Instruct")
+        for item, ours_item in zip(bf.records, res["benchmarks"][bf.name]["items"]):
+            ids = oracle.vllm_prompt_ids(tok, oracle.build_prompt(item, tok, False))
+            gen = hf_generate(ids, max_new_tokens=new_tokens)
+            answer = tok.decode([t for t in gen if t not in eos], skip_special_tokens=True).strip()
+            pred = oracle.extract_option(answer, "SmolLM2-135M-Instruct")
+            if not pred:
+                rctx = oracle.vllm_prompt_ids(tok, oracle.build_recovery_prompt(item, answer, tok, False))
+                with torch.no_grad():
+                    out = hf.generate(torch.tensor([rctx]), attention_mask=torch.ones(1, len(rctx), dtype=torch.long),
+                                      logits_processor=LogitsProcessorList([LogitBias(biased)]),
+                                      generation_config=GenerationConfig(
+                                          do_sample=False, max_new_tokens=oracle.recovery_max_tokens("Llama"),
+                                          min_new_tokens=1, pad_token_id=2, eos_token_id=eos))
+                pred = tok.decode(out[0, len(rctx):].tolist(), skip_special_tokens=True).strip()
+                recovered += 1
+            expected = (pred or "UNKNOWN").strip().rstrip(".").upper()
+            assert ours_item["predictions"][0] == expected, (item["id"], answer, pred)
+            agree += 1
+    assert agree == 12
+    print(f"\nSmolLM2 medssr protocol: {agree}/12 predictions equal transformers + logit bias; "
+          f"{recovered} recovered")
