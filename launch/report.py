@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 from launch.rundir import RunDir
+from medssr_jax.atomic import write_text_atomic
+from medssr_jax.redact import redact_text
 
 STAGE_ORDER = ("synthesize", "label", "rl_self", "rl_sup", "eval", "export")
 
@@ -121,8 +123,4 @@ def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> P
                   f"{cfg.get('temperature', '?')}.", "", table.read_text().rstrip()]
         if (root / "eval" / "accuracy.png").is_file():
             lines += ["", "![accuracy per benchmark](eval/accuracy.png)"]
-    path = root / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(root / "report.md", redact_text("\n".join(lines) + "\n"))

@@ -105,6 +105,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medssr_jax.atomic import write_json_atomic
+from medssr_jax.redact import redact_text
+
 __all__ = [
     "PRICES",
     "Budget",
@@ -513,7 +516,7 @@ class _Redactor:
         text = str(text)
         if self.secret:
             text = text.replace(self.secret, "[REDACTED]")
-        return text
+        return redact_text(text)  # credentials in an endpoint URL
 
 
 def make_client(*, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
@@ -753,9 +756,7 @@ class JsonlStore:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, default=None)
 
 
 # --- the run ------------------------------------------------------------------
