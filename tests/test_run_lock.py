@@ -362,3 +362,49 @@ def test_killed_owner_passes_the_directory_on(tmp_path):
     assert rc == 0 and "synthesize: resuming" in lines, lines
     assert_manifest_matches_disk(work, 0)
     assert not (work / LEASE_NAME).exists()
+
+
+def test_endpoint_credentials_stay_out_of_records_and_logs(tmp_path):
+    from tests.fake_openai import FakeOpenAI
+    work = tmp_path / "run"
+    with FakeOpenAI(schedule=None) as srv:
+        url = srv.base_url.replace("http://", "http://alice:pw-4711@")
+        masked = srv.base_url.replace("http://", "http://***@")
+        env = cli_env(OPENAI_API_KEY="sk-run-lock-4713")
+        proc = subprocess.Popen([sys.executable, "-m", "launch.main", "--stage=synthesize", "--config=tiny",
+                                 f"--workdir={work}", "--num_questions=2", f"--openai_base_url={url}",
+                                 "--synth_model=gpt-4.1-mini", "--seeds=/no/seeds.json"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        rc, lines = finish(proc)
+        assert rc == 1 and lines == ["synthesize: /no/seeds.json: no such file or directory (--seeds)"], lines
+        proc = subprocess.Popen([sys.executable, "-m", "launch.main", "--stage=synthesize", "--config=tiny",
+                                 f"--workdir={work}", "--num_questions=2", f"--openai_base_url={url}",
+                                 "--synth_model=gpt-4.1-mini"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        rc, lines = finish(proc)
+        assert rc == 0, lines
+    m = json.loads((work / "synthesize" / "manifest.json").read_text())
+    assert m["config"]["openai_base_url"] == masked and m["status"] == "done"
+    files = [p for p in work.rglob("*") if p.is_file()]
+    assert work / "report.md" in files and work / "synthesize" / "synthetic.jsonl" in files
+    for p in files:
+        text = p.read_text(errors="replace")
+        for secret in ("pw-4711", "alice", "sk-run-lock-4713"):
+            assert secret not in text, (p, secret)
+    assert not any(s in "\n".join(lines) for s in ("pw-4711", "sk-run-lock-4713"))
+
+
+def test_run_directory_failures_are_one_named_line(tmp_path):
+    not_dir = tmp_path / "a-file"
+    not_dir.write_text("x")
+    rc, lines = finish(start(not_dir, "--stage=synthesize"))
+    assert rc == 1 and lines == [f"synthesize: {not_dir}: --workdir is a file, not a directory"], lines
+    assert not_dir.read_text() == "x"
+    work = tmp_path / "run"
+    (work / "synthesize").mkdir(parents=True)
+    (work / "synthesize" / "manifest.json").write_text('["not", "a", "manifest"]')
+    rc, lines = finish(start(work, "--stage=synthesize"))
+    assert rc == 1 and lines == [f"synthesize: {work / 'synthesize' / 'manifest.json'}: not a manifest (a JSON "
+                                 f"list, expected an object); move the stage directory away to rerun it"], lines
+    assert (work / "synthesize" / "manifest.json").read_text() == '["not", "a", "manifest"]'
+    assert (work / LOCK_NAME).read_bytes() == b""  # the refused stage released the directory
