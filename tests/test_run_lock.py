@@ -408,3 +408,42 @@ def test_run_directory_failures_are_one_named_line(tmp_path):
                                  f"list, expected an object); move the stage directory away to rerun it"], lines
     assert (work / "synthesize" / "manifest.json").read_text() == '["not", "a", "manifest"]'
     assert (work / LOCK_NAME).read_bytes() == b""  # the refused stage released the directory
+
+
+@pytest.mark.multiprocess
+def test_two_process_run_stops_everywhere_when_process_zero_is_refused(tmp_path):
+    """Process 0 alone takes the lock; refused, it tells process 1 (broadcast), and both stop."""
+    work = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    holder = fast_lock(work, "flock").acquire()
+    before = snapshot(work)
+    procs = [start(work, "--stage=synthesize", "--num_processes=2", f"--process_id={i}",
+                   f"--coordinator_address=localhost:{port}") for i in range(2)]
+    try:
+        (rc0, lines0), (rc1, lines1) = finish(procs[0], timeout=180), finish(procs[1], timeout=180)
+        after = snapshot(work)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        holder.release()
+    assert rc0 == 1 and len(lines0) == 1, lines0
+    assert re.fullmatch(rf"synthesize: {refusal(work, os.getpid(), FLOCK_HOW)}", lines0[0]), lines0
+    assert rc1 == 1 and lines1 == [f"synthesize: {work}: process 0 could not take the run directory lock "
+                                   f"(see its log)"], lines1
+    assert after == before
+    # free: process 0 takes it, both processes run the stage, and the lock is given back
+    procs = [start(work, "--stage=synthesize", "--num_processes=2", f"--process_id={i}",
+                   f"--coordinator_address=localhost:{port}") for i in range(2)]
+    try:
+        results = [finish(p, timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert results[1][1] == [] and "synthesize: starting" in results[0][1]
+    assert_manifest_matches_disk(work, 0)
+    assert (work / LOCK_NAME).read_bytes() == b""
