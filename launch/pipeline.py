@@ -45,7 +45,7 @@ def resolve_model(path: str) -> str:
         for stage in TRAINED:
             manifest = p / stage / "manifest.json"
             if (p / stage / "model" / "config.json").exists() and manifest.exists() and \
-                    json.loads(manifest.read_text()).get("status") == "done":
+                    RunDir(p).manifest(stage)["status"] == "done":  # a damaged manifest is named
                 return str(p / stage / "model")
         raise FileNotFoundError(f"{p}: neither an HF checkpoint (config.json) nor a run directory with a "
                                 f"trained policy ({', '.join(s + '/model' for s in TRAINED)})")

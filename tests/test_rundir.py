@@ -257,3 +257,15 @@ def test_credentials_in_settings_are_masked(tmp_path):
         run.begin("synthesize", {}, dict(config, openai_base_url="http://bob:pw@other.example/v1"))
     run.finish("synthesize", {}, {"endpoint": url})
     assert "s3cret" not in (tmp_path / "synthesize" / "manifest.json").read_text()
+
+
+def test_model_from_a_run_directory_with_a_damaged_manifest(tmp_path):
+    from launch.pipeline import resolve_model
+    (tmp_path / "rl_self" / "model").mkdir(parents=True)
+    (tmp_path / "rl_self" / "model" / "config.json").write_text("{}")
+    manifest = tmp_path / "rl_self" / "manifest.json"
+    manifest.write_text('["done"]')
+    with pytest.raises(ManifestMismatch, match=rf"^{re.escape(str(manifest))}: not a manifest \(a JSON list"):
+        resolve_model(str(tmp_path))
+    manifest.write_text(json.dumps({"status": "done", "inputs": {}, "config": {}, "outputs": {}}))
+    assert resolve_model(str(tmp_path)) == str(tmp_path / "rl_self" / "model")
