@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from launch.rundir import RunDir
-from medssr_jax.atomic import write_text_atomic
+from medssr_jax.atomic import atomic_open, write_text_atomic
 from medssr_jax.redact import redact_text
 
 STAGE_ORDER = ("synthesize", "label", "rl_self", "rl_sup", "eval", "export")
@@ -54,8 +54,8 @@ def plot_reward_curves(histories: dict[str, list[dict]], path: Path) -> Path | N
     ax.legend(fontsize=8)
     ax.set_title("Reward per step (self-supervised, then supervised RL)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 

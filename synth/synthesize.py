@@ -105,7 +105,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medssr_jax.atomic import write_json_atomic
+from medssr_jax.atomic import write_json_atomic, write_text_atomic
 from medssr_jax.redact import redact_text
 
 __all__ = [
@@ -1031,7 +1031,7 @@ def synthesize_batch(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, 
         state = json.loads(state_path.read_text()) if state_path.exists() else None
         if state is None and lines:
             inp = run.out / "batch_input.jsonl"
-            inp.write_text("".join(json.dumps(ln, sort_keys=True) + "\n" for ln in lines))
+            write_text_atomic(inp, "".join(json.dumps(ln, sort_keys=True) + "\n" for ln in lines))
             with open(inp, "rb") as f:
                 up = client.files.create(file=f, purpose="batch")
             batch = client.batches.create(input_file_id=up.id, endpoint="/v1/chat/completions",
