@@ -301,6 +301,7 @@ def test_second_run_is_refused_while_the_first_holds(tmp_path, mode, first):
     assert not (work / LEASE_NAME).exists()
 
 
+@pytest.mark.slow
 def test_label_runs_race(tmp_path):
     work = tmp_path / "run"
     rc, lines = finish(start(work, "--stage=synthesize"))
