@@ -33,7 +33,7 @@ def _named(error: OSError, path: Path) -> OSError:
     """`error` with a message that names the file being written (errno kept)."""
     what = error.strerror or str(error)
     named = OSError(f"{path}: {what} while writing it (any earlier {path.name} is unchanged)")
-    named.errno, named.strerror, named.filename = error.errno, error.strerror, str(path)
+    named.errno = error.errno  # strerror and filename stay unset: str() is the message above
     return named
 
 
