@@ -56,7 +56,7 @@ def fast_lock(*args, **kwargs) -> RunLock:
     ("lease", "lease", FLOCK_HOW),  # on a local disk a lease run holds the flock too
     ("flock", "lease", FLOCK_HOW),
     ("lease", "none", None),        # --lock=none takes nothing and is never refused
-])
+], ids=["flock-flock", "lease-lease", "flock-lease", "lease-none"])
 def test_second_holder_is_refused_and_touches_nothing(tmp_path, first, second, how):
     work = tmp_path / "run"
     a = fast_lock(work, first, ttl=30).acquire()
