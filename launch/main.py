@@ -95,6 +95,13 @@ flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run (d
                      "$MEDSSR_NUM_PROCESSES, else 1 or the TPU slice's hosts).")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run "
                      "(default: $MEDSSR_PROCESS_ID).")
+flags.DEFINE_enum("lock", "auto", ["auto", "flock", "lease", "none"],
+                  "How a run keeps other runs out of --workdir for its whole length (process 0 holds it): "
+                  "flock (an OS lock on <workdir>/.medssr.lock), lease (<workdir>/.medssr.lease with a "
+                  "heartbeat, for storage without locks such as gcsfuse buckets), auto (lease on FUSE "
+                  "mounts and where flock is unsupported, else flock), none.")
+flags.DEFINE_float("lease_ttl", 120.0, "Seconds without a heartbeat after which a --lock=lease lease has "
+                   "expired and another run may take the run directory over (heartbeat every ttl/4).")
 
 
 
@@ -132,11 +139,24 @@ def build_config():
 
 
 def run_pipeline() -> Path:
+    """The stages asked for, with --workdir held for the whole run (the lock of process 0;
+    every process stops when process 0 cannot take it)."""
+    import numpy as np
+
+    from launch import distributed
+    from launch.rundir import exclusive_run
+    from medssr_jax import multihost
+    cfg = build_config()
+    workdir = Path(FLAGS.workdir or f"runs/{cfg.name}")
+    agree = lambda ok: bool(multihost.broadcast_from_main(np.int32(ok)))  # noqa: E731
+    with exclusive_run(workdir, FLAGS.lock, FLAGS.lease_ttl, main=distributed.is_main(), agree=agree) as lock:
+        return _run_stages(cfg, workdir, lock)
+
+
+def _run_stages(cfg, workdir: Path, lock) -> Path:
     from launch import distributed
     from launch.pipeline import STAGES, Inputs, Pipeline, stages_for
     from launch.report import write_report
-    cfg = build_config()
-    workdir = Path(FLAGS.workdir or f"runs/{cfg.name}")
     pipe = Pipeline(cfg, workdir, Inputs(model=FLAGS.model, seeds=FLAGS.seeds,
                                          real_data=tuple(FLAGS.real_data or ()), benchmarks=FLAGS.benchmarks))
     stages = stages_for(cfg) if FLAGS.stage == "all" else (FLAGS.stage,)
@@ -145,6 +165,8 @@ def run_pipeline() -> Path:
     pipe.check_inputs(stages)
     try:
         for stage in stages:
+            if lock is not None:
+                lock.check()  # a lease taken over meanwhile stops the run here
             pipe.run_stage(stage)
     finally:
         if distributed.is_main() and any((workdir / s / "manifest.json").exists() for s in STAGES):
@@ -159,14 +181,15 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     from launch import distributed
     from launch.pipeline import StageError
-    from launch.rundir import ManifestMismatch
+    from launch.rundir import ManifestMismatch, RunDirLocked
+    from medssr_jax.redact import redact_text
     from rl.loop import NonFiniteError
     from synth.synthesize import SynthesisError
     try:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         report = run_pipeline()
-    except (ValueError, OSError, ManifestMismatch, StageError, SynthesisError, NonFiniteError) as e:
-        raise SystemExit(f"{FLAGS.stage}: {e}") from None
+    except (ValueError, OSError, ManifestMismatch, RunDirLocked, StageError, SynthesisError, NonFiniteError) as e:
+        raise SystemExit(redact_text(f"{FLAGS.stage}: {e}")) from None
     if distributed.is_main():
         print(f"{FLAGS.stage}: finished; summary in {report}", file=sys.stderr)
 

@@ -24,6 +24,7 @@ from launch.distributed import is_main
 from launch.presets import PipelineConfig
 from launch.rundir import RunDir, file_digest, write_json_atomic
 from medssr_jax import multihost
+from medssr_jax.redact import redact_text
 
 STAGES = ("synthesize", "label", "rl_self", "rl_sup", "rl_mixed", "eval", "export")
 HOST_STAGES = ("synthesize", "export")  # no JAX collectives: process 0 alone runs them
@@ -52,7 +53,7 @@ def resolve_model(path: str) -> str:
         for stage in TRAINED:
             manifest = p / stage / "manifest.json"
             if (p / stage / "model" / "config.json").exists() and manifest.exists() and \
-                    json.loads(manifest.read_text()).get("status") == "done":
+                    RunDir(p).manifest(stage)["status"] == "done":  # a damaged manifest is named
                 return str(p / stage / "model")
         raise FileNotFoundError(f"{p}: neither an HF checkpoint (config.json) nor a run directory with a "
                                 f"trained policy ({', '.join(s + '/model' for s in TRAINED)})")
@@ -115,7 +116,7 @@ def read_real_data(path: str | os.PathLike):
 def log(msg: str) -> None:
     """Progress on stderr, from process 0 only."""
     if is_main():
-        print(msg, file=sys.stderr, flush=True)
+        print(redact_text(msg), file=sys.stderr, flush=True)
 
 
 class Pipeline:
@@ -318,8 +319,7 @@ class Pipeline:
         from synth.offline import generate_for_plan, write_offline
         specs = plan_prompts(seeds, cfg.num_questions, alpha=cfg.alpha, entities=entities, seed=cfg.seed)
         items = generate_for_plan(specs, diseases, retriever, k_docs=cfg.retrieval_k, seeds=seeds)
-        write_offline(items, out / "synthetic.jsonl.tmp")
-        os.replace(out / "synthetic.jsonl.tmp", out / "synthetic.jsonl")
+        write_offline(items, out / "synthetic.jsonl")  # atomically: a unique temporary file, renamed
         return dict(outputs={"synthetic": "synthetic.jsonl"},
                     summary={"items": len(items), "seeds": len(seeds), "rare_ratio": rare_ratio(specs),
                              "alpha": cfg.alpha, "generator": "offline-hpo"})

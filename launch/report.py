@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 from launch.rundir import RunDir
+from medssr_jax.atomic import atomic_open, write_text_atomic
+from medssr_jax.redact import redact_text
 
 STAGE_ORDER = ("synthesize", "label", "rl_self", "rl_sup", "rl_mixed", "eval", "export")
 
@@ -52,8 +54,8 @@ def plot_reward_curves(histories: dict[str, list[dict]], path: Path) -> Path | N
     ax.legend(fontsize=8)
     ax.set_title("Reward per step (self-supervised, then supervised RL)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 
@@ -189,8 +191,4 @@ def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> P
         for name in evaluated:
             if (root / "eval" / name / "accuracy.png").is_file():
                 lines += ["", f"![accuracy of {name}](eval/{name}/accuracy.png)"]
-    path = root / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(root / "report.md", redact_text("\n".join(lines) + "\n"))

@@ -639,25 +639,14 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` (the :func:`markdown_table`) and
     ``accuracy.png`` (accuracy per benchmark, std error bars) into ``out_dir``.
     Returns the three paths by kind (``json``, ``markdown``, ``plot``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from medssr_jax.atomic import atomic_open, write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -669,14 +658,14 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
         log_entry = b.get("log_entry")
         if generations is not None:  # the harness's files, to diff against its outputs
             for g, rows in enumerate(generations):
-                _write_text_atomic(out / f"{name}_gen{g}.json",
+                write_text_atomic(out / f"{name}_gen{g}.json",
                                    json.dumps(rows, indent=2, ensure_ascii=False, default=_json_default))
             with open(out / f"{name}.eval.log", "a", encoding="utf-8") as f:
                 json.dump(log_entry, f, indent=2, ensure_ascii=False, default=_json_default)
                 f.write("\n")
         lean["benchmarks"][name] = b
-    _write_text_atomic(paths["json"], json.dumps(lean, indent=1, default=_json_default) + "\n")
-    _write_text_atomic(paths["markdown"], markdown_table(results))
+    write_text_atomic(paths["json"], json.dumps(lean, indent=1, default=_json_default) + "\n")
+    write_text_atomic(paths["markdown"], markdown_table(results))
 
     names = list(results["benchmarks"])
     means = [100 * results["benchmarks"][n]["accuracy_mean"] for n in names]
@@ -695,5 +684,6 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     ax.set_title("Accuracy per benchmark" + (f" (mean ± std over {n_gen} generations)" if n_gen else ""),
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(paths["plot"], format="png")
+    with atomic_open(paths["plot"], "wb") as f:
+        fig.savefig(f, format="png")
     return paths

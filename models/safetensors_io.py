@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from medssr_jax.atomic import atomic_open, write_text_atomic
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -144,8 +146,7 @@ def write_sharded(directory: Path, tensors: Iterable[tuple[str, tuple[int, ...],
         total += offset
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        tmp = directory / (fname + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(directory / fname, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for name, shape, dtype in shard:
@@ -153,9 +154,8 @@ def write_sharded(directory: Path, tensors: Iterable[tuple[str, tuple[int, ...],
                 if arr.shape != tuple(shape):
                     raise ValueError(f"tensor {name!r}: shape {arr.shape} != declared {shape}")
                 f.write(arr.tobytes())
-        os.replace(tmp, directory / fname)
         written.append(directory / fname)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_text_atomic(directory / "model.safetensors.index.json", json.dumps(index, indent=2))
     return written

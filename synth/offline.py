@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medssr_jax.atomic import atomic_open
 from synth.synthesize import LETTERS, SynthItem
 
 __all__ = ["GENERATOR", "generate_for_plan", "generate_offline", "jaccard", "phenotype_ids", "write_offline"]
@@ -205,10 +206,9 @@ def _seed_item(pair: Sequence, rng: random.Random, key: str, prov: dict[str, Any
 
 
 def write_offline(items: Sequence[SynthItem], path: str | os.PathLike) -> Path:
-    """Write items as JSONL (the format of ``synthetic.jsonl``)."""
+    """Write items as JSONL (the format of ``synthetic.jsonl``), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for it in items:
             f.write(json.dumps(it.to_dict(), ensure_ascii=False, sort_keys=True) + "\n")
     return path

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from medssr_jax.answers import majority_vote
+from medssr_jax.atomic import atomic_open, write_text_atomic
 from medssr_jax.protocol import Prompter, biased_greedy, normalize_prediction, question_text
 
 __all__ = ["KEEP_RULES", "LabelledItem", "keeps", "pseudo_label", "summarize"]
@@ -230,14 +231,14 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "pseudo_labelled.jsonl", "w", encoding="utf-8") as f:
+        with atomic_open(out / "pseudo_labelled.jsonl") as f:
             for r in records:
                 if r.kept:
                     d = r.to_dict()
                     d.pop("kept")
                     f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        with open(out / "pseudo_label_votes.jsonl", "w", encoding="utf-8") as f:
+        with atomic_open(out / "pseudo_label_votes.jsonl") as f:
             for r in records:
                 f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-        (out / "label_summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out / "label_summary.json", json.dumps(summary, indent=2))
     return records, summary

@@ -35,6 +35,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medssr_jax.atomic import atomic_open, write_text_atomic
+
 __all__ = [
     "embed_texts", "embed_corpus", "doc_text", "load_embeddings", "load_embedding_shards",
     "exact_search", "Index", "Retriever", "have_scann", "tree_ah_params",
@@ -224,13 +226,9 @@ def embed_corpus(encoder, tokenizer, docs: Iterable[Mapping], *, batch_size: int
                     prog.update(embedded=len(parts[-1]))
             emb = np.concatenate(parts)
             if out is not None:
-                tmp = npy.with_suffix(".npy.tmp")
-                with open(tmp, "wb") as f:
+                with atomic_open(npy, "wb") as f:  # the metadata last: it vouches for the embeddings
                     np.save(f, emb)
-                meta_tmp = meta.with_suffix(".tmp")
-                meta_tmp.write_text(json.dumps({"ids": ids, "fingerprint": key}))
-                os.replace(meta_tmp, meta)
-                os.replace(tmp, npy)
+                write_text_atomic(meta, json.dumps({"ids": ids, "fingerprint": key}))
         all_emb.append(emb)
         all_ids.extend(ids)
     if prog:
@@ -425,9 +423,10 @@ class Index:
             art.mkdir(exist_ok=True)
             self._searcher.serialize(str(art))
         else:
-            np.save(out / "embeddings.npy", self._embeddings)
-        (out / "ids.json").write_text(json.dumps(list(self.ids)))
-        (out / "index.json").write_text(json.dumps(meta, indent=2))
+            with atomic_open(out / "embeddings.npy", "wb") as f:
+                np.save(f, self._embeddings)
+        write_text_atomic(out / "ids.json", json.dumps(list(self.ids)))
+        write_text_atomic(out / "index.json", json.dumps(meta, indent=2))
         return out
 
     @classmethod

@@ -105,6 +105,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medssr_jax.atomic import write_json_atomic, write_text_atomic
+from medssr_jax.redact import redact_text
+
 __all__ = [
     "PRICES",
     "Budget",
@@ -513,7 +516,7 @@ class _Redactor:
         text = str(text)
         if self.secret:
             text = text.replace(self.secret, "[REDACTED]")
-        return text
+        return redact_text(text)  # credentials in an endpoint URL
 
 
 def make_client(*, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
@@ -753,9 +756,7 @@ class JsonlStore:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, default=None)
 
 
 # --- the run ------------------------------------------------------------------
@@ -1030,7 +1031,7 @@ def synthesize_batch(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, 
         state = json.loads(state_path.read_text()) if state_path.exists() else None
         if state is None and lines:
             inp = run.out / "batch_input.jsonl"
-            inp.write_text("".join(json.dumps(ln, sort_keys=True) + "\n" for ln in lines))
+            write_text_atomic(inp, "".join(json.dumps(ln, sort_keys=True) + "\n" for ln in lines))
             with open(inp, "rb") as f:
                 up = client.files.create(file=f, purpose="batch")
             batch = client.batches.create(input_file_id=up.id, endpoint="/v1/chat/completions",

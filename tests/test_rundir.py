@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +103,169 @@ def test_paper_presets_carry_the_verl_defaults():
     assert pipeline_preset("tiny", alpha=0.7).alpha == 0.7
     with pytest.raises(ValueError, match=r"unknown --config 'nope'"):
         pipeline_preset("nope")
+
+
+def _tmp_leftovers(root):
+    return sorted(p.name for p in root.rglob("*") if ".tmp" in p.name)
+
+
+def test_manifest_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "synthesize" / "manifest.json"
+    path.parent.mkdir()
+    for text, kind in (("[1, 2]", "list"), ('"done"', "str"), ("null", "NoneType"), ("3", "int")):
+        path.write_text(text)
+        with pytest.raises(ManifestMismatch) as e:
+            RunDir(tmp_path).begin("synthesize", {}, {})
+        assert str(e.value) == (f"{path}: not a manifest (a JSON {kind}, expected an object); "
+                                f"move the stage directory away to rerun it")
+        assert path.read_text() == text  # left as found
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"\xff\xfe\x00garbage", r"unreadable manifest \('utf-8' codec can't decode"),
+    (b'{"status": "finished", "inputs": {}, "config": {}, "outputs": {}}',
+     r"damaged manifest \(status 'finished' is not one of running, done\)"),
+    (b'{"status": "done", "config": {}, "outputs": {}}', r"damaged manifest \(field 'inputs' is missing\)"),
+    (b'{"status": "done", "inputs": [], "config": {}, "outputs": {"m": "model"}}',
+     r"damaged manifest \(field 'inputs' is not an object; output 'm' lacks a path and sha256\)"),
+])
+def test_other_manifest_corruption_is_named(tmp_path, content, problem):
+    path = tmp_path / "label" / "manifest.json"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    run = RunDir(tmp_path)
+    for call in (lambda: run.begin("label", {}, {}), lambda: run.manifest_hash("label"),
+                 lambda: run.finish("label", {})):
+        with pytest.raises(ManifestMismatch, match=rf"^{re.escape(str(path))}: {problem}.*; move the stage "
+                                                   rf"directory away to rerun it$"):
+            call()
+    assert path.read_bytes() == content
+
+
+def test_manifest_that_is_a_directory_is_named(tmp_path):
+    path = tmp_path / "eval" / "manifest.json"
+    path.mkdir(parents=True)
+    with pytest.raises(ManifestMismatch, match=rf"^{re.escape(str(path))}: cannot read the manifest "
+                                               rf"\(Is a directory\); move the stage directory away"):
+        RunDir(tmp_path).begin("eval", {}, {})
+
+
+def test_workdir_that_is_a_file(tmp_path):
+    f = tmp_path / "runs"
+    f.write_text("not a directory")
+    with pytest.raises(NotADirectoryError) as e:
+        RunDir(f)
+    assert str(e.value) == f"{f}: --workdir is a file, not a directory"
+    with pytest.raises(OSError, match=rf"^{re.escape(str(f / 'sub'))}: cannot create the run directory "
+                                      rf"\(--workdir\): Not a directory$"):
+        RunDir(f / "sub")
+    assert f.read_text() == "not a directory"
+
+
+def test_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from medssr_jax import atomic
+    run = RunDir(tmp_path)
+    run.begin("label", {"seeds": "abc"}, {"n": 1})
+    manifest = tmp_path / "label" / "manifest.json"
+    before = manifest.read_bytes()
+    out = tmp_path / "label" / "pseudo_labelled.jsonl"
+    out.write_text('{"id": "a"}\n')
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(atomic.os, "fsync", full)  # the data does not fit when it is flushed to disk
+    with pytest.raises(OSError) as e:
+        run.finish("label", {"labels": "pseudo_labelled.jsonl"}, {"kept": 1})
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value) == (f"{manifest}: No space left on device while writing it "
+                            f"(any earlier manifest.json is unchanged)")
+    assert manifest.read_bytes() == before and run.manifest("label")["status"] == "running"
+    assert _tmp_leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    written = []
+
+    def write_half_then_fail(obj, f, **kwargs):  # the disk fills up half way through the JSON
+        f.write(json.dumps(obj)[:10])
+        written.append(f.name)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(atomic.json, "dump", write_half_then_fail)
+    with pytest.raises(OSError, match=rf"^{re.escape(str(tmp_path / 'x' / 'results.json'))}: No space left "
+                                      rf"on device while writing it"):
+        write_json_atomic(tmp_path / "x" / "results.json", {"a": 1})
+    assert written and not os.path.exists(written[0])
+    assert _tmp_leftovers(tmp_path) == [] and not (tmp_path / "x" / "results.json").exists()
+
+
+def test_atomic_writes_use_unique_temporary_names(tmp_path, monkeypatch):
+    """Two writers of one path never share a temporary file, and the result has open()'s permissions."""
+    from medssr_jax import atomic
+    seen = []
+    real = atomic.tempfile.mkstemp
+
+    def spy(**kwargs):
+        fd, name = real(**kwargs)
+        seen.append(name)
+        return fd, name
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", spy)
+    target = tmp_path / "synthetic.jsonl"
+    with atomic.atomic_open(target) as a, atomic.atomic_open(target) as b:
+        a.write("from a\n")
+        b.write("from b\n")
+    assert len(set(seen)) == 2 and all(Path(n).parent == tmp_path for n in seen)
+    assert target.read_text() == "from a\n"  # the last to finish wins, whole
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(ValueError, match="boom"):
+        with atomic.atomic_open(target) as f:
+            f.write("partial")
+            raise ValueError("boom")
+    assert target.read_text() == "from a\n" and _tmp_leftovers(tmp_path) == []
+
+
+def test_finished_outputs_must_still_match_their_digests(tmp_path):
+    run = RunDir(tmp_path)
+    run.begin("synthesize", {}, {"seed": 1})
+    out = tmp_path / "synthesize" / "synthetic.jsonl"
+    out.write_text('{"id": "q1"}\n')
+    (tmp_path / "synthesize" / "model").mkdir()
+    (tmp_path / "synthesize" / "model" / "w.bin").write_bytes(b"\0" * 8)
+    run.finish("synthesize", {"synthetic": "synthetic.jsonl", "model": "model"})
+    assert run.begin("synthesize", {}, {"seed": 1}) == "skip"
+    out.write_text('{"id": "q2"}\n')
+    with pytest.raises(ManifestMismatch, match=rf"^{re.escape(str(out))}: changed since stage 'synthesize' "
+                                               rf"finished \(its SHA-256 differs from the manifest's\)"):
+        run.begin("synthesize", {}, {"seed": 1})
+    out.unlink()
+    with pytest.raises(ManifestMismatch, match=rf"^{re.escape(str(out))}: output 'synthetic' of finished stage "
+                                               rf"'synthesize' is missing"):
+        run.begin("synthesize", {}, {"seed": 1}, write=False)
+
+
+def test_credentials_in_settings_are_masked(tmp_path):
+    run = RunDir(tmp_path)
+    url = "http://alice:s3cret-pw@llm.example:8000/v1?api_key=sk-live-123&x=1"
+    config = {"openai_base_url": url, "seed": 0}
+    assert run.begin("synthesize", {}, config) == "start"
+    text = (tmp_path / "synthesize" / "manifest.json").read_text()
+    assert "s3cret" not in text and "alice" not in text and "sk-live-123" not in text
+    assert run.manifest("synthesize")["config"]["openai_base_url"] == \
+        "http://***@llm.example:8000/v1?api_key=***&x=1"
+    assert run.begin("synthesize", {}, config) == "resume"  # compared masked: the same run
+    with pytest.raises(ManifestMismatch, match="different openai_base_url"):
+        run.begin("synthesize", {}, dict(config, openai_base_url="http://bob:pw@other.example/v1"))
+    run.finish("synthesize", {}, {"endpoint": url})
+    assert "s3cret" not in (tmp_path / "synthesize" / "manifest.json").read_text()
+
+
+def test_model_from_a_run_directory_with_a_damaged_manifest(tmp_path):
+    from launch.pipeline import resolve_model
+    (tmp_path / "rl_self" / "model").mkdir(parents=True)
+    (tmp_path / "rl_self" / "model" / "config.json").write_text("{}")
+    manifest = tmp_path / "rl_self" / "manifest.json"
+    manifest.write_text('["done"]')
+    with pytest.raises(ManifestMismatch, match=rf"^{re.escape(str(manifest))}: not a manifest \(a JSON list"):
+        resolve_model(str(tmp_path))
+    manifest.write_text(json.dumps({"status": "done", "inputs": {}, "config": {}, "outputs": {}}))
+    assert resolve_model(str(tmp_path)) == str(tmp_path / "rl_self" / "model")
