@@ -53,6 +53,12 @@ flags.DEFINE_enum("synth_generator", None, ["auto", "api", "offline"], "Question
                   "presets refuse to fall back to offline).")
 flags.DEFINE_string("synth_model", None, "Generator model name for API synthesis (preset default gpt-4.1).")
 flags.DEFINE_integer("retrieval_k", None, "Passages retrieved and injected per rare-disease prompt.")
+flags.DEFINE_enum("retriever", None, ["minilm", "medcpt"], "Retrieval encoders: minilm (built in, from the asset "
+                  "cache) or medcpt (the MedCPT query and article encoders from --retriever_path).")
+flags.DEFINE_string("retriever_path", None, "Directory holding the MedCPT encoders (query/ and article/, or "
+                    "MedCPT-Query-Encoder/ and MedCPT-Article-Encoder/: config.json, model.safetensors, tokenizer.json).")
+flags.DEFINE_string("corpus", None, "JSONL of literature passages ({id, title, text}; e.g. PubMed abstracts) "
+                    "retrieved beside the built-in HPO rare-disease profiles.")
 flags.DEFINE_string("workdir", None, "Run directory (created if missing; default runs/<config>).")
 flags.DEFINE_string("model", None, "Policy: HF checkpoint directory, .gguf file, or a run directory (its "
                     "latest trained policy); default: the preset's (smollm2: SmolLM2-135M-Instruct "
@@ -115,6 +121,7 @@ def build_config():
     overrides = {k: v for k, v in dict(
         alpha=FLAGS.alpha, num_questions=FLAGS.num_questions, openai_base_url=FLAGS.openai_base_url,
         synth_generator=FLAGS.synth_generator, synth_model=FLAGS.synth_model, retrieval_k=FLAGS.retrieval_k,
+        retriever=FLAGS.retriever, retriever_path=FLAGS.retriever_path, corpus=FLAGS.corpus,
         num_votes=FLAGS.num_votes, label_threshold=FLAGS.label_threshold, label_keep=FLAGS.label_keep,
         label_max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, real_cap=FLAGS.real_cap,
         rl_mode=FLAGS.rl_mode, mix_ratio=FLAGS.mix_ratio, eval_protocol=FLAGS.eval_protocol,

@@ -134,6 +134,8 @@ class Pipeline:
         from medssr_jax.data import eval_dir
         self.model_source()
         sources = [("--seeds", self.inputs.seeds)] + [("--real_data", real_source(x)[0]) for x in self.inputs.real_data]
+        if "synthesize" in stages:
+            sources += [("--corpus", self.cfg.corpus), ("--retriever_path", self.cfg.retriever_path)]
         for flag, value in sources:
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{value}: no such file or directory ({flag})")
@@ -266,15 +268,59 @@ class Pipeline:
         return [SeedQuestion(id=r.id, question=r.question, options=dict(r.options), answer=r.answer)
                 for r in rows]
 
-    def knowledge(self):
-        """The HPO rare diseases, their profile documents and a MiniLM + ScaNN retriever over them.
+    def encoders(self) -> dict:
+        """The retrieval encoders: ``query`` and ``article`` as (encoder, tokenizer), their
+        pooling, normalisation and token lengths (each encoder's real length), and a name.
 
-        Profiles are embedded once into the asset cache (resumable shards) and
-        reused by later runs."""
+        ``minilm``: all-MiniLM-L6-v2 from the asset cache for both sides (mean pooling,
+        L2-normalised, 256 tokens as its sentence-transformers config says). ``medcpt``:
+        the MedCPT query and article encoders from --retriever_path (sub-directories
+        ``query`` and ``article``, or ``MedCPT-Query-Encoder`` / ``MedCPT-Article-Encoder``),
+        [CLS] pooling, inner product, 64 query and 512 article tokens."""
         from tokenizers import Tokenizer
 
         from medssr_jax import assets
         from models import bert
+
+        def load(d: Path):
+            if not (d / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{d}: no tokenizer.json beside the encoder (--retriever_path)")
+            encoder, bcfg = bert.from_pretrained(d)
+            tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+            tok.no_padding()
+            tok.no_truncation()
+            return encoder, tok, int(bcfg.max_position_embeddings)
+
+        if self.cfg.retriever == "medcpt":
+            root = Path(self.cfg.retriever_path)
+            sides = {}
+            for side, names in (("query", ("query", "MedCPT-Query-Encoder")),
+                                ("article", ("article", "MedCPT-Article-Encoder"))):
+                d = next((root / n for n in names if (root / n / "config.json").is_file()), None)
+                if d is None:
+                    raise FileNotFoundError(f"{root}: no MedCPT {side} encoder (expected {names[0]}/ or "
+                                            f"{names[1]}/ with config.json, model.safetensors, tokenizer.json)")
+                sides[side] = load(d)
+            (qe, qt, qmax), (ae, at, amax) = sides["query"], sides["article"]
+            return dict(query=(qe, qt), article=(ae, at), pooling="cls", normalize=False,
+                        query_len=min(64, qmax), doc_len=min(512, amax), name="medcpt")
+        d = assets.minilm_dir()
+        encoder, tok, pos = load(d)
+        st = bert.sentence_transformers_pooling(d)
+        length = min(int(st["max_len"] or pos), pos)
+        return dict(query=(encoder, tok), article=(encoder, tok), pooling=st["pooling"], normalize=st["normalize"],
+                    query_len=length, doc_len=length, name="minilm")
+
+    def knowledge(self):
+        """The HPO rare diseases, the documents retrieval reads (their profiles, plus the
+        passages of --corpus) and a retriever over them (encoders: :meth:`encoders`; index: ScaNN).
+
+        Documents are embedded at the article encoder's real length, once, into the
+        asset cache (resumable shards, one cache per encoder, length and corpus) and
+        reused by later runs."""
+        import hashlib
+
+        from medssr_jax import assets
         from synth import knowledge as kn
         from synth import retrieval as rt
         terms = kn.load_obo()
@@ -282,18 +328,27 @@ class Pipeline:
         if self.cfg.corpus_max_docs is not None:
             diseases = sorted(diseases, key=lambda d: d.id)[:self.cfg.corpus_max_docs]
         docs = list(kn.build_corpus(diseases, terms))
-        d = assets.minilm_dir()
-        encoder, _ = bert.from_pretrained(d)
-        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-        tok.no_padding()
-        tok.no_truncation()
-        emb, ids = rt.embed_corpus(encoder, tok, docs, batch_size=64, max_len=32, pooling="mean",
-                                   normalize=True,  # one cache per corpus size: presets do not evict each other
-                                   out_dir=assets.cache_dir() / "embeddings" / f"hpo-minilm-32-{len(docs)}")
+        key = f"hpo{len(docs)}"
+        if self.cfg.corpus:
+            extra = list(kn.read_corpus_jsonl(self.cfg.corpus))
+            clash = {d["id"] for d in docs} & {str(d["id"]) for d in extra}
+            if clash:
+                raise ValueError(f"{self.cfg.corpus}: document ids also used by the HPO profiles: {sorted(clash)[:3]}")
+            docs += extra
+            key += f"-{Path(self.cfg.corpus).stem}{len(extra)}-{file_digest(self.cfg.corpus)[:12]}"
+        enc = self.encoders()
+        if enc["name"] == "medcpt":
+            key += "-" + hashlib.sha256(str(Path(self.cfg.retriever_path).resolve()).encode()).hexdigest()[:8]
+        (q_encoder, q_tok), (a_encoder, a_tok) = enc["query"], enc["article"]
+        emb, ids = rt.embed_corpus(a_encoder, a_tok, docs, batch_size=64, max_len=enc["doc_len"],
+                                   pooling=enc["pooling"], normalize=enc["normalize"],
+                                   out_dir=assets.cache_dir() / "embeddings" / f"{enc['name']}-{enc['doc_len']}-{key}")
         index = rt.Index.build(emb, ids, method=self.cfg.index_method)
-        log(f"synthesize: {len(docs)} HPO profiles indexed ({index.backend}, {index.method})")
-        return diseases, docs, rt.Retriever(encoder, tok, index, docs, query_pooling="mean",
-                                            normalize=True, max_len=32)
+        log(f"synthesize: {len(docs)} documents indexed ({len(diseases)} HPO profiles"
+            + (f", {len(docs) - len(diseases)} passages of {self.cfg.corpus}" if self.cfg.corpus else "")
+            + f"; {enc['name']} at {enc['doc_len']} tokens; {index.backend}, {index.method})")
+        return diseases, docs, rt.Retriever(q_encoder, q_tok, index, docs, query_pooling=enc["pooling"],
+                                            normalize=enc["normalize"], max_len=enc["query_len"])
 
     # --- stages ---------------------------------------------------------------
     def synthesize(self) -> dict:
@@ -593,6 +648,8 @@ class Pipeline:
             inputs[f"stage:{up}"] = self.run.manifest_hash(up)
         if stage == "synthesize":
             inputs["seeds"] = file_digest(self.inputs.seeds) if self.inputs.seeds else self._holdout_input()
+            if self.cfg.corpus:
+                inputs["corpus"] = file_digest(self.cfg.corpus)
         if stage in ("rl_sup", "rl_mixed"):
             inputs["real_data"] = ([f"{spec} {file_digest(real_source(spec)[0])}" for spec in self.inputs.real_data]
                                    if self.inputs.real_data else self._holdout_input())
@@ -621,7 +678,8 @@ class Pipeline:
         holdout = ["holdout_benchmark", "holdout_seeds", "holdout_real"]
         fields = {
             "synthesize": ["name", "seed", "alpha", "num_questions", "synth_model", "openai_base_url", "retrieval_k",
-                           "corpus_max_docs", "index_method", "synth_generator"] + holdout,
+                           "corpus_max_docs", "index_method", "synth_generator", "retriever", "retriever_path",
+                           "corpus"] + holdout,
             "label": policy + ["num_votes", "label_threshold", "label_keep", "label_max_new_tokens", "label_recover",
                                "lenient_answers"],
             "rl_self": policy + ["rl_self", "lenient_answers"],
