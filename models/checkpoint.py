@@ -121,11 +121,29 @@ def load_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray, str]
     return model
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
+def dtype_name(value, setting: str = "dtype") -> str:
+    """A floating dtype given as a name ("bfloat16"), a NumPy dtype or a JAX/NumPy scalar
+    type (jnp.bfloat16, np.float32) -> its name, as configs and config.json store it."""
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not (np.issubdtype(dt, np.floating) or dt.name == "bfloat16"):
+        raise ValueError(f"{setting}={value!r} is not a floating-point dtype "
+                         "(for example 'float32', 'bfloat16' or jnp.bfloat16)")
+    return dt.name
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=None,
                     mesh: Mesh | None = None, **config_overrides) -> tuple[Transformer, ModelConfig]:
-    """Load an HF directory (config.json + safetensors) or a Llama-architecture .gguf file."""
+    """Load an HF directory (config.json + safetensors) or a Llama-architecture .gguf file.
+
+    dtype / param_dtype: compute and stored-weight dtypes, as names or JAX/NumPy dtypes.
+    """
     path = Path(path)
-    overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    dtype = dtype_name(dtype, "dtype")
+    param_dtype = dtype_name(param_dtype, "param_dtype") if param_dtype is not None else dtype
+    overrides = dict(dtype=dtype, param_dtype=param_dtype, **config_overrides)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if path.suffix == ".gguf":
@@ -145,7 +163,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
 
 
 def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike, *,
-                    dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+                    dtype=None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write an HF directory (config.json + safetensors) that transformers loads.
 
     Written into a temporary directory and renamed, so a crash leaves no
@@ -158,7 +176,7 @@ def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.P
     """
     out = Path(out_dir)
     items = {hf_params.path_to_hf(path)[0]: (path, var) for path, var in param_items(model)}
-    target = np.dtype(dtype) if dtype else None
+    target = np.dtype(dtype_name(dtype)) if dtype is not None else None
     hf_cfg = config.to_hf()
     specs = []
     for name, (path, var) in items.items():
@@ -166,7 +184,7 @@ def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.P
         dt = target or np.dtype(var.dtype)
         specs.append((name, shape, dt))
     if target is not None:
-        hf_cfg["torch_dtype"] = str(target)
+        hf_cfg["torch_dtype"] = target.name
     if jax.process_index() != 0:
         # Take part in the gathers, in the order process 0 writes the tensors, then wait
         # for process 0's verdict; a process that stopped early would leave 0 waiting.

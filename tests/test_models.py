@@ -186,6 +186,24 @@ def test_bf16_forward_close_to_fp32(tmp_path):
     assert (l16.argmax(-1) == l32.argmax(-1)).mean() > 0.9
 
 
+def test_dtype_objects_load_and_save(tmp_path):
+    hf = make_hf_model("qwen3", tied=False)
+    hf.save_pretrained(tmp_path / "hf")
+    m16, cfg16 = models.from_pretrained(tmp_path / "hf", dtype=jnp.bfloat16)
+    assert cfg16.dtype == cfg16.param_dtype == "bfloat16"
+    assert m16.layers[0].q_dnh[...].dtype == jnp.bfloat16
+    out = models.save_pretrained(m16, cfg16, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    again, cfg_again = models.from_pretrained(out, dtype=np.dtype("bfloat16"), param_dtype=np.float32)
+    assert cfg_again.param_dtype == "float32" and again.layers[0].q_dnh[...].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(again.layers[0].q_dnh[...]),
+                                  np.asarray(m16.layers[0].q_dnh[...]).astype(np.float32))
+    models.save_pretrained(again, cfg_again, tmp_path / "out16", dtype=jnp.bfloat16)
+    assert json.loads((tmp_path / "out16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"param_dtype=.*int32.* not a floating-point dtype"):
+        models.from_pretrained(out, param_dtype=jnp.int32)
+
+
 def test_sharded_forward_equals_unsharded(tmp_path):
     assert jax.device_count() == 8
     hf = make_hf_model("qwen3", heads=4, kv_heads=2, tied=False, vocab=128)
