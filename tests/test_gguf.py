@@ -849,3 +849,49 @@ def test_asset_env_overrides(tmp_path, monkeypatch):
 def test_assets_module_does_not_import_torch():
     code = "import sys; import medssr_jax.assets; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def write_config_only(path: Path, **overrides):
+    """A llama GGUF holding only config metadata; overrides: key suffix -> (value, GGUFValueType)."""
+    vt = gguf.GGUFValueType
+    keys = {"context_length": (256, vt.UINT32), "embedding_length": (64, vt.UINT32),
+            "block_count": (2, vt.UINT32), "feed_forward_length": (128, vt.UINT32),
+            "attention.head_count": (4, vt.UINT32), "attention.head_count_kv": (2, vt.UINT32),
+            "attention.layer_norm_rms_epsilon": (1e-5, vt.FLOAT32), "vocab_size": (96, vt.UINT32)}
+    keys.update(overrides)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, vtype) in keys.items():
+        w.add_key_value(f"llama.{key}", value, vtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, None),
+    ({"attention.head_count": (0, gguf.GGUFValueType.UINT32)},
+     r"'llama\.attention\.head_count' must be positive, got 0"),
+    ({"attention.head_count_kv": (0, gguf.GGUFValueType.UINT32)},
+     r"'llama\.attention\.head_count_kv' must be positive, got 0"),
+    ({"block_count": ("two", gguf.GGUFValueType.STRING)},
+     r"'llama\.block_count' must be an integer, got STRING 'two'"),
+    ({"attention.layer_norm_rms_epsilon": ("tiny", gguf.GGUFValueType.STRING)},
+     r"'llama\.attention\.layer_norm_rms_epsilon' must be a float, got STRING"),
+    ({"block_count": (10**9, gguf.GGUFValueType.UINT32)},
+     r"'llama\.block_count' is 1000000000, more than 4096; the file is corrupt"),
+    ({"embedding_length": (2, gguf.GGUFValueType.UINT32)},
+     r"llama\.embedding_length=2 is smaller than llama\.attention\.head_count=4"),
+], ids=["valid", "zero-heads", "zero-kv-heads", "string-layers", "string-eps", "absurd-layers",
+        "tiny-hidden"])
+def test_bad_metadata_names_the_key(tmp_path, overrides, message):
+    path = write_config_only(tmp_path / "cfg.gguf", **overrides)
+    f = mg.GGUFFile(path)
+    if message is None:
+        cfg = mg.hf_config_from_gguf(f)
+        assert cfg["num_attention_heads"] == 4 and cfg["head_dim"] == 16 and cfg["vocab_size"] == 96
+        return
+    with pytest.raises(ValueError, match=message) as err:
+        mg.hf_config_from_gguf(f)
+    assert str(path) in str(err.value)
