@@ -1094,7 +1094,7 @@ class Server:
         try:
             self.check_auth(request.headers.get("authorization"))  # before the body is read
             raw = await self._read_body(request)
-            body = parse_body(raw)
+            body = await self._in_pool(parse_body, raw)  # a large body parses off the event loop
             req = await self._in_pool(self.parse_chat if kind == "chat" else self.parse_completion,
                                       body)
             self._admit()
