@@ -514,6 +514,39 @@ def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(tiny, tok):
         srv.stop()
 
 
+def test_disconnect_while_waiting_for_a_whole_response_stops_generation(tiny, tok):
+    srv = started(tiny, tok, max_queue=1, eos_ids=[])
+    chunks = []
+    orig = srv._on_chunk
+
+    def noted(*a):
+        chunks.append(time.monotonic())
+        orig(*a)
+        time.sleep(0.5)
+
+    srv._on_chunk = noted
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        body = completion_body()  # not streamed: nothing is written until the end
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        t0 = time.monotonic()
+        while not chunks and time.monotonic() - t0 < 60:  # generating
+            time.sleep(0.01)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+        t0 = time.monotonic()
+        while srv._active and time.monotonic() - t0 < 2:
+            time.sleep(0.01)
+        assert srv._active == 0
+        assert raw_request(srv.port, "POST", "/v1/completions",
+                           completion_body(max_tokens=4))[0].status == 200
+        assert srv.stats["stopped_calls"] == 1 and srv.stats["requests"] == 1
+    finally:
+        srv.stop()
+
+
 def test_sse_keepalive_while_waiting(tiny, tok):
     srv = started(tiny, tok, keepalive_s=0.1)
     try:
