@@ -1150,6 +1150,7 @@ class Server:
         """The SSE body: `data: <json>` events, keep-alive comments, `data: [DONE]`. The queue
         slot is released when the stream ends, however it ends."""
         sent = [""] * req.rows
+        started = req.kind == "chat"  # chat streams open with the role deltas at once
         try:
             if req.kind == "chat":
                 for i in range(req.rows):
@@ -1158,11 +1159,13 @@ class Server:
                 while True:
                     ev = await self._next_event(request, req, self.keepalive_s)
                     if ev is None:
+                        started = True
                         yield ": keep-alive\n\n"
                         continue
                     kind, payload = ev
                     if kind == "tokens":
                         for c in await self._in_pool(self._stream_deltas, req, payload, sent):
+                            started = True
                             yield _sse_data(c)
                     else:
                         for c in await self._in_pool(self._stream_tail, req, payload, sent):
@@ -1171,6 +1174,8 @@ class Server:
             except APIError as e:
                 if e.status == 499:
                     return
+                if not started:
+                    raise  # nothing sent yet: the handler answers with the error's status
                 yield _sse_data(e.body())  # mid-stream: an error event, then the end
             yield "data: [DONE]\n\n"
         finally:
