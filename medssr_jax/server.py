@@ -378,7 +378,12 @@ class Server:
             return {k: list(v) if isinstance(v, list) else v for k, v in self._stats.items()}
 
     def start(self) -> "Server":
-        import uvicorn
+        try:
+            import starlette  # noqa: F401
+            import uvicorn
+        except ImportError as e:
+            raise ImportError(f"Server.start: the server needs starlette and uvicorn ({e}); "
+                              "pip install starlette uvicorn") from None
 
         if self._uvicorn is not None:
             raise RuntimeError("server already started")
