@@ -1,4 +1,4 @@
-"""Serve a model over an OpenAI-compatible HTTP API (medssr_jax.server).
+"""Serve a model over an OpenAI-compatible HTTP API (medssr_jax.server: Starlette on uvicorn).
 
     python -m launch.serve --model=/path/to/model.gguf --port=8000
     # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)
@@ -30,7 +30,12 @@ flags.DEFINE_integer("port", 8000, "Port (0: any free port).")
 flags.DEFINE_string("api_key_env", "MEDSSR_SERVER_API_KEY", "Environment variable holding the API "
                     "key; requests need no key when it is unset and --api_key is not given.")
 flags.DEFINE_string("api_key", None, "API key (prefer --api_key_env: flags show up in process lists).")
-flags.DEFINE_integer("max_batch", 32, "Most sequences (prompts x n) per generate call.")
+flags.DEFINE_integer("max_batch", 32, "Most sequences (prompts x n) per generate call and per "
+                     "request.")
+flags.DEFINE_integer("max_queue", 256, "Most requests waiting or running at once; more get 429.")
+flags.DEFINE_integer("max_tokens_limit", None, "Most new tokens one request may ask for; default: "
+                     "the model's context.")
+flags.DEFINE_integer("max_body_mb", 16, "Largest request body in MiB; larger ones get 413.")
 flags.DEFINE_float("max_wait_ms", 20, "How long to wait for more requests before a generate call.")
 flags.DEFINE_integer("chunk_size", 32, "Decode steps per sampler chunk (the streaming granularity).")
 flags.DEFINE_integer("default_max_tokens", 512, "Chat completions without max_tokens get at most this.")
@@ -53,7 +58,8 @@ def main(argv):
     server = Server(model, tokenizer, model_name=name, chat_template=FLAGS.chat_template,
                     host=FLAGS.host, port=FLAGS.port, api_key=api_key, max_batch=FLAGS.max_batch,
                     max_wait_ms=FLAGS.max_wait_ms, chunk_size=FLAGS.chunk_size,
-                    default_max_tokens=FLAGS.default_max_tokens,
+                    default_max_tokens=FLAGS.default_max_tokens, max_queue=FLAGS.max_queue,
+                    max_tokens_limit=FLAGS.max_tokens_limit, max_body_bytes=FLAGS.max_body_mb << 20,
                     log_requests=FLAGS.log_requests).start()
     print(f"serving {name!r} ({cfg.family}, context {cfg.max_position_embeddings}, chat template "
           f"{server.chat_template}) at {server.url}  [API key: "

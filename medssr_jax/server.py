@@ -1,10 +1,10 @@
-"""An OpenAI-compatible HTTP server on the JAX sampler.
+"""An OpenAI-compatible HTTP server on the JAX sampler: a Starlette app served by uvicorn.
 
     server = Server(model, tokenizer, model_name="smollm2").start()
     # OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=...)
     server.stop()
 
-Endpoints (JSON over HTTP/1.1, standard library ``http.server`` only):
+Endpoints:
 
 ``GET /v1/models``, ``GET /v1/models/{id}``
     The one served model.
@@ -15,13 +15,17 @@ Endpoints (JSON over HTTP/1.1, standard library ``http.server`` only):
     or up to 4: the text is cut before the first occurrence and the
     finish_reason is ``"stop"``), ``seed``, ``logprobs`` and ``top_logprobs``
     (0..20), ``stream`` (server-sent events of ``chat.completion.chunk``
-    deltas, one per sampler chunk, ending with ``data: [DONE]``) and
-    ``stream_options.include_usage``.
+    deltas, one per sampler chunk, ending with ``data: [DONE]``; a
+    ``: keep-alive`` comment every ``keepalive_s`` while nothing else is sent)
+    and ``stream_options.include_usage``.
 ``POST /v1/completions``
     ``prompt`` as a string, a list of strings, a list of token ids or a list
     of such lists; the same sampling fields; ``logprobs`` as an int (0..20).
 ``GET /health``
     ``{"status": "ok"}``.
+
+Response bodies are checked against the ``openai`` package's own types
+(``ChatCompletion``, ``ChatCompletionChunk``, ``Completion``, ``Model``).
 
 Logprobs follow the sampler's convention: log_softmax(logits / T) of the
 sampled token before top-p / top-k truncation (log_softmax(logits) when
@@ -38,23 +42,37 @@ max_tokens rounded up to a power of two, at least 16). Each group becomes one
 request is then cut back to its own max_tokens. Greedy requests batch with
 each other regardless of seed; sampling requests that set a seed run on their
 own, so the same seed gives the same completions. ``Server.stats`` counts the
-generate calls and the requests per call.
+generate calls, the requests per call and the calls stopped early.
+
+Limits and hardening: the API key is checked before the body is read; a body
+over ``max_body_bytes`` gets 413 before it is read; at most ``max_queue``
+requests wait or run at once, further ones get 429 with ``Retry-After``; one
+request asks for at most ``max_batch`` sequences (prompts x n) and
+``max_tokens_limit`` new tokens (400 naming the limit); a prompt whose
+character count cannot fit the context is refused before it is tokenized;
+tokenizing runs in a small thread pool with one tokenizer copy per thread, so
+a long prompt never stalls the other clients; invalid JSON, JSON nested too
+deeply and strings with lone surrogates get 400. A client that disconnects,
+streaming or not, releases its queue slot at once, and its generation stops at
+the next decode chunk when no other request shares the call. ``stop()`` (and
+Ctrl-C under :meth:`Server.serve_forever`) stops a running generation at the
+next decode chunk, answers the waiting requests 503 and shuts down cleanly.
+Logged request lines escape control characters, and never contain headers.
 
 ``completion_tokens`` counts the tokens a choice kept: its EOS token included,
 tokens after a stop string excluded. Errors use OpenAI's body
-``{"error": {"message", "type", "param", "code"}}``: 400 for invalid JSON,
-fields or a prompt + max_tokens beyond the model's context, 401 for a missing
-or wrong API key (when one is configured), 404 for an unknown model or path.
-A client that disconnects mid-stream only ends its own response.
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
+import copy
 import dataclasses
 import functools
 import hmac
-import http.server
 import itertools
 import json
 import math
@@ -65,7 +83,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -73,25 +91,35 @@ from medssr_jax.chat import format_chat
 
 __all__ = ["APIError", "Server"]
 
-MAX_BODY_BYTES = 32 << 20
+MAX_BODY_BYTES = 16 << 20
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP = 4
 MIN_TOKENS_BUCKET = 16
-_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+TOKENIZER_THREADS = 4
 
 
 class APIError(Exception):
     """An error answered with OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "server is shutting down", type="server_error")
+
+
+class _Aborted(Exception):
+    """Raised from the sampler's on_tokens hook to end a generate call early."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +163,12 @@ class _Request:
     stream: bool
     include_usage: bool
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # Set by the handler before submitting: events go from the worker thread to the handler's
+    # event loop through loop.call_soon_threadsafe.
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    admitted: bool = False  # holds one of the server's max_queue slots
 
     @property
     def rows(self) -> int:
@@ -145,6 +177,13 @@ class _Request:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def emit(self, kind: str, payload) -> None:
+        """Hand an event to the request's handler (any thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
 
     def group_key(self) -> tuple:
         bucket = MIN_TOKENS_BUCKET
@@ -202,6 +241,44 @@ def _unsupported(body: dict, fields: dict[str, Any]) -> None:
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
 
 
+def parse_body(raw: bytes) -> dict:
+    """The request's JSON object; 400 for invalid or too deeply nested JSON and for strings
+    that are not valid Unicode (lone surrogates), naming where."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"Invalid JSON in the request body: {e}") from None
+    except RecursionError:
+        raise APIError(400, "Invalid JSON in the request body: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:  # iterative: a deep structure cannot exhaust the Python stack here
+        where, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"the string at '{where}' is not valid Unicode (it holds a "
+                                    "lone surrogate)", param=where.split("[")[0].split(".")[0]) from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((f"{where}.{k}" if where else str(k), x))
+                if isinstance(k, str):
+                    stack.append((f"{where}.<key>" if where else "<key>", k))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+    return body
+
+
+def printable(text: str) -> str:
+    """text with control and other non-printable characters escaped (\\r, \\n, \\x1b ...), so
+    a client cannot forge or colour log lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 # --- the server -------------------------------------------------------------------
 
 class Server:
@@ -212,22 +289,32 @@ class Server:
     name, default the model config's. eos_ids: tokens that end a completion,
     default the model config's EOS ids plus the template's stop tokens.
     api_key: when set, requests need ``Authorization: Bearer <api_key>``.
-    max_batch: most sequences (prompts x n) per generate call; max_wait_ms:
-    how long the worker waits for more requests before a call. chunk_size:
-    decode steps per sampler chunk (the streaming granularity).
-    default_max_tokens: chat completions without max_tokens get at most this
-    many (and no more than the context leaves); completions default to 16.
+    max_batch: most sequences (prompts x n) per generate call, and per request;
+    max_wait_ms: how long the worker waits for more requests before a call.
+    chunk_size: decode steps per sampler chunk (the streaming and cancelling
+    granularity). default_max_tokens: chat completions without max_tokens get
+    at most this many (and no more than the context leaves); completions
+    default to 16. max_tokens_limit: most new tokens one request may ask for
+    (default: the context). max_queue: most requests waiting or running at
+    once (429 beyond). max_body_bytes: largest request body (413 beyond).
+    keepalive_s: seconds between SSE keep-alive comments on an idle stream.
+    log_requests: one line per request through ``log`` (default: stderr).
     """
 
     def __init__(self, model, tokenizer, *, model_name: str, chat_template: str | None = None,
                  host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                  max_batch: int = 32, max_wait_ms: float = 20, chunk_size: int = 32,
                  eos_ids: Sequence[int] | None = None, default_max_tokens: int = 512,
-                 log_requests: bool = False):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+                 max_tokens_limit: int | None = None, max_queue: int = 256,
+                 max_body_bytes: int = MAX_BODY_BYTES, keepalive_s: float = 15.0,
+                 log_requests: bool = False, log: Callable[[str], None] | None = None):
+        for name, value, lo in (("max_batch", max_batch, 1), ("max_wait_ms", max_wait_ms, 0),
+                                ("chunk_size", chunk_size, 1), ("max_queue", max_queue, 1),
+                                ("max_body_bytes", max_body_bytes, 1), ("keepalive_s", keepalive_s, 0),
+                                ("default_max_tokens", default_max_tokens, 1)):
+            if value is None or value < lo or (name == "keepalive_s" and value == 0):
+                raise ValueError(f"Server: {name} must be {'>' if name == 'keepalive_s' else '>='} "
+                                 f"{lo}, got {value}")
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -238,7 +325,13 @@ class Server:
         self.api_key = api_key or None
         self.max_batch, self.max_wait_ms, self.chunk_size = max_batch, max_wait_ms, chunk_size
         self.default_max_tokens = default_max_tokens
+        ctx = self.config.max_position_embeddings
+        if max_tokens_limit is not None and max_tokens_limit < 1:
+            raise ValueError(f"Server: max_tokens_limit must be >= 1, got {max_tokens_limit}")
+        self.max_tokens_limit = min(max_tokens_limit or ctx, ctx)
+        self.max_queue, self.max_body_bytes, self.keepalive_s = max_queue, max_body_bytes, keepalive_s
         self.log_requests = log_requests
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         if eos_ids is None:
             ids = list(self.config.eos_token_ids)
             try:
@@ -251,12 +344,18 @@ class Server:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if isinstance(pad, int) else 0
         self.created = int(time.time())
-        self._tok_lock = threading.Lock()  # HF tokenizer wrappers are not thread-safe
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._longest_token = _longest_token_chars(tokenizer)
+        self._local = threading.local()  # one tokenizer copy per pool thread, no global lock
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._slots_lock = threading.Lock()
+        self._active = 0  # requests admitted and not yet answered or abandoned
         self._stats_lock = threading.Lock()
-        self._stats = dict(requests=0, generate_calls=0, batch_sizes=[], generated_tokens=0)
-        self._httpd: http.server.ThreadingHTTPServer | None = None
-        self._threads: list[threading.Thread] = []
+        self._stats = dict(requests=0, generate_calls=0, batch_sizes=[], generated_tokens=0,
+                           stopped_calls=0)
+        self._uvicorn = None
+        self._http_thread: threading.Thread | None = None
+        self._worker_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._jit_cache: dict = {}
 
@@ -264,7 +363,7 @@ class Server:
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1] if self._httpd else self._port
+        return self._sock.getsockname()[1] if self._uvicorn else self._port
 
     @property
     def url(self) -> str:
@@ -273,53 +372,76 @@ class Server:
     @property
     def stats(self) -> dict:
         """requests answered by the worker, generate_calls, batch_sizes (requests per call),
-        generated_tokens."""
+        generated_tokens, stopped_calls (generate calls ended early: every request of the
+        call gone, or the server stopping)."""
         with self._stats_lock:
             return {k: list(v) if isinstance(v, list) else v for k, v in self._stats.items()}
 
     def start(self) -> "Server":
-        if self._httpd is not None:
+        try:
+            import starlette  # noqa: F401
+            import uvicorn
+        except ImportError as e:
+            raise ImportError(f"Server.start: the server needs starlette and uvicorn ({e}); "
+                              "pip install starlette uvicorn") from None
+
+        if self._uvicorn is not None:
             raise RuntimeError("server already started")
-        app = self
-
-        class Handler(_Handler):
-            server_app = app
-
-        self._httpd = _HTTPServer((self.host, self._port), Handler)
         self._stopping.clear()
-        self._threads = [
-            threading.Thread(target=self._worker, name="medssr-server-worker", daemon=True),
-            threading.Thread(target=self._httpd.serve_forever, kwargs=dict(poll_interval=0.1),
-                             name="medssr-server-http", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
+        self._pool = concurrent.futures.ThreadPoolExecutor(TOKENIZER_THREADS,
+                                                           thread_name_prefix="medssr-server-tok")
+        self._sock = socket.create_server((self.host, self._port), backlog=256)
+        config = uvicorn.Config(self.asgi_app(), log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5,
+                                timeout_keep_alive=30)
+        self._uvicorn = uvicorn.Server(config)
+        self._worker_thread = threading.Thread(target=self._worker, name="medssr-server-worker",
+                                               daemon=True)
+        self._http_thread = threading.Thread(target=self._uvicorn.run,
+                                             kwargs=dict(sockets=[self._sock]),
+                                             name="medssr-server-http", daemon=True)
+        self._worker_thread.start()
+        self._http_thread.start()
+        deadline = time.monotonic() + 60
+        while not self._uvicorn.started:
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP server did not start on {self.host}:{self._port}")
+            time.sleep(0.01)
         return self
 
     def stop(self) -> None:
-        if self._httpd is None:
+        """Stop: a running generation ends at its next decode chunk, waiting requests get 503,
+        open connections close."""
+        if self._uvicorn is None:
             return
         self._stopping.set()
         self._queue.put(None)
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        for t in self._threads:
-            t.join(timeout=30)
-        while True:  # fail whatever is still queued
+        if self._worker_thread is not None:
+            self._worker_thread.join(timeout=120)
+        self._fail_queued()
+        self._uvicorn.should_exit = True
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=30)
+        self._sock.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._uvicorn = None
+
+    def _fail_queued(self) -> None:
+        while True:
             try:
                 r = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return
             if isinstance(r, _Call):
                 r.error = RuntimeError("server stopped")
                 r.done.set()
             elif r is not None:
-                r.events.put(("error", APIError(503, "server is shutting down", type="server_error")))
-        self._httpd = None
+                r.emit("error", _shutting_down())
 
     def run_on_worker(self, fn):
         """Run fn() on the worker thread (between generate calls) and return its result."""
-        if self._httpd is None:
+        if self._uvicorn is None:
             raise RuntimeError("server not started")
         call = _Call(fn)
         self._queue.put(call)
@@ -359,8 +481,8 @@ class Server:
         self.stop()
 
     def serve_forever(self) -> None:
-        """Block until interrupted (Ctrl-C), then stop."""
-        if self._httpd is None:
+        """Block until interrupted (Ctrl-C), then stop cleanly."""
+        if self._uvicorn is None:
             self.start()
         try:
             while not self._stopping.wait(1.0):
@@ -370,15 +492,23 @@ class Server:
         finally:
             self.stop()
 
-    # --- tokenizer helpers (any thread) ------------------------------------------------
+    # --- tokenizer helpers (pool threads) ------------------------------------------------
+
+    def _tok(self):
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            try:
+                tok = copy.deepcopy(self.tokenizer)
+            except Exception:  # noqa: BLE001 - an uncopyable tokenizer is shared as it is
+                tok = self.tokenizer
+            self._local.tokenizer = tok
+        return tok
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        with self._tok_lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return list(self._tok().encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, tokens: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        with self._tok_lock:
-            return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+        return self._tok().decode(list(tokens), skip_special_tokens=skip_special_tokens)
 
     def _content_tokens(self, tokens: Sequence[int]) -> list[int]:
         """The tokens of a choice without its final EOS token."""
@@ -407,7 +537,7 @@ class Server:
             offsets = self._offsets(content)
         return dict(text=text, finish_reason=finish, kept=kept, offsets=offsets)
 
-    # --- request parsing (handler threads) --------------------------------------------
+    # --- request parsing (pool threads) ---------------------------------------------
 
     def _check_model(self, body: dict) -> None:
         name = body.get("model")
@@ -417,7 +547,16 @@ class Server:
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                                 f"'{self.model_name}'", code="model_not_found", param="model")
 
-    def _check_context(self, prompt_len: int, max_tokens: int | None, what: str) -> int:
+    def _check_chars(self, text: str, what: str, param: str) -> None:
+        """Refuse, before tokenizing, a text too long for the context whatever its tokens."""
+        ctx = self.config.max_position_embeddings
+        if self._longest_token and len(text) > ctx * self._longest_token:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, "
+                                f"your {what} has {len(text)} characters, more than {ctx} tokens "
+                                "can hold. Please reduce its length.",
+                           code="context_length_exceeded", param=param)
+
+    def _check_context(self, prompt_len: int, max_tokens: int | None, what: str) -> int | None:
         ctx = self.config.max_position_embeddings
         if max_tokens is None:
             if prompt_len >= ctx:
@@ -433,6 +572,20 @@ class Server:
                      f"{what} or the completion (max_tokens).",
                 code="context_length_exceeded", param="max_tokens")
         return max_tokens
+
+    def _max_tokens(self, body: dict, name: str) -> int | None:
+        v = _number({name: body.get(name)}, name, None, 1, 1 << 31, integer=True)
+        if v is not None and v > self.max_tokens_limit:
+            raise APIError(400, f"'{name}' is {v}; this server allows at most "
+                                f"{self.max_tokens_limit} new tokens per request "
+                                "(max_tokens_limit)", param=name)
+        return v
+
+    def _check_rows(self, prompts: int, n: int) -> None:
+        if prompts * n > self.max_batch:
+            raise APIError(400, f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} "
+                                f"sequences; this server allows at most {self.max_batch} per "
+                                "request (max_batch)", param="n")
 
     def _sampling_fields(self, body: dict) -> dict:
         return dict(
@@ -462,7 +615,7 @@ class Server:
 
     def _default_max(self, prompt_lens: list[int], default: int) -> int:
         room = self.config.max_position_embeddings - max(prompt_lens)
-        return max(1, min(default, room))
+        return max(1, min(default, room, self.max_tokens_limit))
 
     def parse_chat(self, body: dict) -> _Request:
         self._check_model(body)
@@ -470,6 +623,10 @@ class Server:
                                 frequency_penalty=0, audio=None,
                                 response_format=lambda v: v == {"type": "text"},
                                 tool_choice=lambda v: v in ("none", "auto")))
+        f = self._sampling_fields(body)
+        self._check_rows(1, f["n"])
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = self._max_tokens({"max_tokens": max_tokens}, "max_tokens")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
@@ -493,12 +650,10 @@ class Server:
             text = format_chat(msgs, self.chat_template)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"invalid 'messages': {e}", param="messages") from None
+        self._check_chars(text, "messages", "messages")
         prompt = self.encode(text, add_special_tokens=False)
         if not prompt:
             raise APIError(400, "the formatted messages are empty", param="messages")
-        f = self._sampling_fields(body)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 1 << 31, integer=True)
         max_tokens = self._check_context(len(prompt), max_tokens, "messages")
         if max_tokens is None:
             max_tokens = self._default_max([len(prompt)], self.default_max_tokens)
@@ -524,9 +679,14 @@ class Server:
         if not isinstance(prompt, list) or not prompt:
             raise APIError(400, "'prompt' must be a string, a list of strings or token-id lists",
                            param="prompt")
+        f = self._sampling_fields(body)
+        self._check_rows(len(prompt), f["n"])
+        max_tokens = self._max_tokens(body, "max_tokens")
         prompts = []
         for i, p in enumerate(prompt):
+            what = "prompt" if len(prompt) == 1 else f"prompt {i}"
             if isinstance(p, str):
+                self._check_chars(p, what, "prompt")
                 ids = self.encode(p, add_special_tokens=True)
             elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 if any(not 0 <= t < vocab for t in p):
@@ -536,11 +696,8 @@ class Server:
                 raise APIError(400, f"prompt {i} must be a string or a list of token ids", param="prompt")
             if not ids:
                 raise APIError(400, f"prompt {i} is empty", param="prompt")
+            self._check_context(len(ids), max_tokens, what)
             prompts.append(ids)
-        f = self._sampling_fields(body)
-        max_tokens = _number(body, "max_tokens", None, 1, 1 << 31, integer=True)
-        for i, p in enumerate(prompts):
-            self._check_context(len(p), max_tokens, "prompt" if len(prompts) == 1 else f"prompt {i}")
         if max_tokens is None:
             max_tokens = self._default_max([len(p) for p in prompts], 16)
         top = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
@@ -548,10 +705,26 @@ class Server:
                         max_tokens=max_tokens, logprobs=top is not None, top_logprobs=top or 0,
                         include_usage=self._include_usage(body, f["stream"]), **_norm(f))
 
-    def submit(self, req: _Request) -> None:
+    # --- admission -----------------------------------------------------------------------
+
+    def _admit(self) -> None:
         if self._stopping.is_set():
-            raise APIError(503, "server is shutting down", type="server_error")
-        self._queue.put(req)
+            raise _shutting_down()
+        with self._slots_lock:
+            if self._active >= self.max_queue:
+                raise APIError(429, f"the server is busy: {self.max_queue} requests are already "
+                                    "waiting or running (max_queue); retry shortly",
+                               type="rate_limit_error", code="server_busy",
+                               headers={"Retry-After": "1"})
+            self._active += 1
+
+    def _finish(self, req: _Request) -> None:
+        """The request is answered or abandoned: the worker skips it, its slot is free."""
+        req.cancelled.set()
+        with self._slots_lock:
+            if req.admitted:
+                req.admitted = False
+                self._active -= 1
 
     # --- the worker thread: the only one that runs JAX ---------------------------------
 
@@ -589,7 +762,7 @@ class Server:
             key = pending[0].group_key()
             batch, rest, rows = [], collections.deque(), 0
             for r in pending:
-                if r.group_key() == key and (not batch or rows + r.rows <= self.max_batch):
+                if r.group_key() == key and rows + r.rows <= self.max_batch:
                     batch.append(r)
                     rows += r.rows
                 else:
@@ -597,17 +770,31 @@ class Server:
             pending = rest
             try:
                 pending.extendleft(reversed(self._run(batch)))
-            except Exception as e:  # noqa: BLE001 - answered to the clients, server keeps going
-                print(f"medssr server: generate failed: {type(e).__name__}: {e}", file=sys.stderr)
+            except _Aborted:
+                with self._stats_lock:
+                    self._stats["stopped_calls"] += 1
                 for r in batch:
-                    r.events.put(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}",
-                                                    type="server_error")))
+                    r.emit("error", _shutting_down() if self._stopping.is_set() else
+                           APIError(499, "client closed the request"))
+            except Exception as e:  # noqa: BLE001 - answered to the clients, server keeps going
+                print(f"medssr server: generate failed: {type(e).__name__}: {printable(str(e))}",
+                      file=sys.stderr)
+                for r in batch:
+                    r.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                                             type="server_error"))
         for r in pending:
-            r.events.put(("error", APIError(503, "server is shutting down", type="server_error")))
+            r.emit("error", _shutting_down())
+
+    def _on_chunk(self, streaming: list[tuple[_Request, int]], n: int, toks: np.ndarray) -> None:
+        """The tokens so far, for every streaming request of the call."""
+        for r, s in streaming:
+            if not r.cancelled.is_set():
+                r.emit("tokens", toks[s * n:(s + len(r.prompts)) * n].copy())
 
     def _run(self, batch: list[_Request]) -> list[_Request]:
         """One generate call for requests with the same group key; returns the requests
-        that must wait for another call (their max_tokens does not fit beside a longer prompt)."""
+        that must wait for another call (their max_tokens does not fit beside a longer prompt).
+        Raises _Aborted when every request of the call is gone or the server stops."""
         from medssr_jax.sampler import generate
 
         ctx = self.config.max_position_embeddings
@@ -626,21 +813,23 @@ class Server:
         streaming = [(r, s) for r, s in zip(batch, starts) if r.stream]
 
         def on_tokens(toks: np.ndarray) -> None:
-            for r, s in streaming:
-                if not r.cancelled.is_set():
-                    r.events.put(("tokens", toks[s * n:(s + len(r.prompts)) * n].copy()))
+            if self._stopping.is_set() or all(r.cancelled.is_set() for r in batch):
+                raise _Aborted
+            self._on_chunk(streaming, n, toks)
 
         seed = r0.seed if r0.seed is not None else (0 if r0.greedy else secrets.randbits(31))
         gen = generate(self.model, prompts, n=n, max_new_tokens=max_new, temperature=r0.temperature,
                        top_p=r0.top_p, top_k=r0.top_k, seed=seed % (1 << 32), eos_ids=self.eos_ids,
                        pad_id=self.pad_id, chunk_size=self.chunk_size, progress=False,
-                       on_tokens=on_tokens if streaming else None)
+                       on_tokens=on_tokens)
         with self._stats_lock:
             self._stats["generate_calls"] += 1
             self._stats["batch_sizes"].append(len(batch))
             self._stats["requests"] += len(batch)
             self._stats["generated_tokens"] += gen.stats["generated_tokens"]
         for r, s in zip(batch, starts):
+            if r.cancelled.is_set():
+                continue
             choices = []
             for i in range(len(r.prompts)):
                 for c in gen[s + i]:
@@ -651,7 +840,7 @@ class Server:
                     if r.top_logprobs:
                         top = self._top_logprobs(r.prompts[i], toks, r.temperature, r.top_logprobs)
                     choices.append(_Sampled(toks, lps, reason, top))
-            r.events.put(("done", choices))
+            r.emit("done", choices)
         return later
 
     def _top_logprobs(self, prompt: list[int], completion: list[int], temperature: float, k: int
@@ -692,20 +881,11 @@ class Server:
         vals, ids = np.asarray(vals)[0, window, :k], np.asarray(ids)[0, window, :k]
         return [(ids[i].tolist(), vals[i].tolist()) for i in range(len(completion))]
 
-    # --- responses (handler threads) ---------------------------------------------------
-
-    def _wait(self, req: _Request):
-        """Next event of a request, or an error once the server stops."""
-        while True:
-            try:
-                return req.events.get(timeout=0.5)
-            except queue.Empty:
-                if self._stopping.is_set():
-                    raise APIError(503, "server is shutting down", type="server_error") from None
+    # --- response bodies (pool threads) ------------------------------------------------
 
     def _token_entry(self, tid: int, lp: float) -> dict:
         s = self.decode([tid], skip_special_tokens=False)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
 
     def _chat_logprobs(self, s: _Sampled, kept: int) -> dict:
         content = []
@@ -754,84 +934,73 @@ class Server:
             choices.append(c)
         return choices, kept
 
-    def respond(self, req: _Request) -> dict:
+    def response_body(self, req: _Request, sampled: list[_Sampled]) -> dict:
         """The whole (non-streamed) response body."""
-        while True:
-            kind, payload = self._wait(req)
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                break
-        choices, kept = self._choices(req, payload)
-        return {"id": req.id, "object": "chat.completion" if req.kind == "chat" else "text_completion",
+        choices, kept = self._choices(req, sampled)
+        body = {"id": req.id, "object": "chat.completion" if req.kind == "chat" else "text_completion",
                 "created": req.created, "model": self.model_name, "choices": choices,
                 "usage": self._usage(req, kept), "system_fingerprint": None}
+        return _typed("ChatCompletion" if req.kind == "chat" else "Completion", body)
 
-    def stream(self, req: _Request):
-        """The response as a sequence of SSE payloads (dicts; the caller adds [DONE])."""
+    def _chunk(self, req: _Request, index: int | None, text: str | None = None, finish=None,
+               logprobs=None, role: bool = False, usage: dict | None = None) -> dict:
         chat = req.kind == "chat"
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        base = {"id": req.id, "object": obj, "created": req.created, "model": self.model_name,
-                "system_fingerprint": None}
-        rows = req.rows
-        sent = [""] * rows
+        body = {"id": req.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": req.created, "model": self.model_name, "system_fingerprint": None}
+        if usage is not None:
+            body.update(choices=[], usage=usage)
+        elif chat:
+            delta = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            body["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs,
+                                "finish_reason": finish}]
+        else:
+            body["choices"] = [{"index": index, "text": text or "", "logprobs": logprobs,
+                                "finish_reason": finish}]
+        # A streamed text completion has finish_reason null until its last chunk, which
+        # openai's Completion type does not allow (its client reads streams without checking).
+        return _typed("ChatCompletionChunk", body) if chat else body
+
+    def _stream_deltas(self, req: _Request, toks: np.ndarray, sent: list[str]) -> list[dict]:
+        """Chunks for the text the rows have gained (held back: a possible stop-string start
+        and a partly decoded character)."""
         hold = max((len(s) for s in req.stop), default=1) - 1
+        out = []
+        for i in range(req.rows):
+            row = toks[i].tolist()
+            end = next((k for k, t in enumerate(row) if t in self.eos_ids), len(row))
+            text = self.decode(row[:min(end, req.max_tokens)])
+            cut = _first_stop(text, req.stop)
+            safe = text[:cut] if cut is not None else text[:max(len(text) - hold, 0)].rstrip("\ufffd")
+            if len(safe) > len(sent[i]) and safe.startswith(sent[i]):
+                out.append(self._chunk(req, i, safe[len(sent[i]):]))
+                sent[i] = safe
+        return out
 
-        def chunk(index: int, text: str | None = None, finish=None, logprobs=None, role=False):
-            if chat:
-                delta = {}
-                if role:
-                    delta["role"] = "assistant"
-                if text is not None:
-                    delta["content"] = text
-                c = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            else:
-                c = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-            return dict(base, choices=[c])
-
-        if chat:
-            for i in range(rows):
-                yield chunk(i, "", role=True)
-        while True:
-            kind, payload = self._wait(req)
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                break
-            for i in range(rows):
-                toks = payload[i].tolist()
-                end = next((k for k, t in enumerate(toks) if t in self.eos_ids), len(toks))
-                toks = toks[:min(end, req.max_tokens)]
-                text = self.decode(toks)
-                cut = _first_stop(text, req.stop)
-                if cut is not None:
-                    safe = text[:cut]
-                else:
-                    safe = text[:max(len(text) - hold, 0)].rstrip("\ufffd")
-                if len(safe) > len(sent[i]) and safe.startswith(sent[i]):
-                    yield chunk(i, safe[len(sent[i]):])
-                    sent[i] = safe
-        choices, kept = self._choices(req, payload)
+    def _stream_tail(self, req: _Request, sampled: list[_Sampled], sent: list[str]) -> list[dict]:
+        """The rest of every choice, its logprobs, its finish_reason, then the usage."""
+        chat = req.kind == "chat"
+        choices, kept = self._choices(req, sampled)
+        out = []
         for i, c in enumerate(choices):
             text = c["message"]["content"] if chat else c["text"]
-            if text.startswith(sent[i]):
-                rest = text[len(sent[i]):]
-            else:  # cannot happen with prefix-stable decoding; send the remainder by length
-                rest = text[len(sent[i]):]
+            rest = text[len(sent[i]):]
             if rest:
-                yield chunk(i, rest)
+                out.append(self._chunk(req, i, rest))
             if c["logprobs"] is not None:
-                yield chunk(i, None if chat else "", logprobs=c["logprobs"])
-            yield chunk(i, None if chat else "", finish=c["finish_reason"])
+                out.append(self._chunk(req, i, None if chat else "", logprobs=c["logprobs"]))
+            out.append(self._chunk(req, i, None if chat else "", finish=c["finish_reason"]))
         if req.include_usage:
-            yield dict(base, choices=[], usage=self._usage(req, kept))
-
-    def models_body(self) -> dict:
-        return {"object": "list", "data": [self.model_card()]}
+            out.append(self._chunk(req, None, usage=self._usage(req, kept)))
+        return out
 
     def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "medssr-jax", "max_model_len": self.config.max_position_embeddings}
+        return _typed("Model", {"id": self.model_name, "object": "model", "created": self.created,
+                                "owned_by": "medssr-jax",
+                                "max_model_len": self.config.max_position_embeddings})
 
     def check_auth(self, header: str | None) -> None:
         if self.api_key is None:
@@ -841,9 +1010,257 @@ class Server:
             given = header[len("Bearer "):].strip()
         if not given:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    # --- HTTP (the event loop) ----------------------------------------------------------
+
+    def asgi_app(self):
+        """The Starlette application (wrapped in the request logger when log_requests)."""
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Route
+
+        async def http_error(request, exc: HTTPException):
+            code = "not_found" if exc.status_code == 404 else None
+            return _error_response(APIError(exc.status_code, f"no route {request.method} "
+                                                             f"{printable(request.url.path)}",
+                                            code=code))
+
+        async def unhandled(request, exc: Exception):
+            print(f"medssr server: {type(exc).__name__}: {printable(str(exc))}", file=sys.stderr)
+            return _error_response(APIError(500, f"internal error: {type(exc).__name__}",
+                                            type="server_error"))
+
+        routes = [
+            Route("/health", self._health, methods=["GET"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/v1/models/{name:path}", self._model, methods=["GET"]),
+            Route("/v1/chat/completions", functools.partial(self._completions, "chat"),
+                  methods=["POST"]),
+            Route("/v1/completions", functools.partial(self._completions, "completion"),
+                  methods=["POST"]),
+        ]
+        app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                           Exception: unhandled})
+        app.router.redirect_slashes = False
+        return _RequestLog(app, self._log) if self.log_requests else app
+
+    async def _health(self, request):
+        from starlette.responses import JSONResponse
+        return JSONResponse({"status": "ok"})
+
+    async def _models(self, request):
+        from starlette.responses import JSONResponse
+        try:
+            self.check_auth(request.headers.get("authorization"))
+        except APIError as e:
+            return _error_response(e)
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def _model(self, request):
+        from starlette.responses import JSONResponse
+        try:
+            self.check_auth(request.headers.get("authorization"))
+            name = request.path_params["name"]
+            if name != self.model_name:
+                raise APIError(404, f"The model '{printable(name)}' does not exist",
+                               code="model_not_found")
+        except APIError as e:
+            return _error_response(e)
+        return JSONResponse(self.model_card())
+
+    async def _read_body(self, request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise APIError(400, f"invalid Content-Length header {printable(length)!r}")
+            if int(length) > self.max_body_bytes:
+                raise APIError(413, f"request body of {int(length)} bytes exceeds this server's "
+                                    f"limit of {self.max_body_bytes} bytes (max_body_bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise APIError(413, f"request body exceeds this server's limit of "
+                                    f"{self.max_body_bytes} bytes (max_body_bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _completions(self, kind: str, request):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        req, stream_started = None, False
+        try:
+            self.check_auth(request.headers.get("authorization"))  # before the body is read
+            raw = await self._read_body(request)
+            body = await self._in_pool(parse_body, raw)  # a large body parses off the event loop
+            req = await self._in_pool(self.parse_chat if kind == "chat" else self.parse_completion,
+                                      body)
+            self._admit()
+            req.admitted = True
+            req.loop, req.events = asyncio.get_running_loop(), asyncio.Queue()
+            self._queue.put(req)
+            if req.stream:
+                events = self._sse(request, req)
+                try:  # errors before the first chunk still get a status
+                    first = await events.__anext__()
+                except StopAsyncIteration:  # the client left before the first chunk
+                    return _error_response(APIError(499, "client closed the request"))
+                stream_started = True  # the stream's own finally releases the slot from here on
+                return StreamingResponse(_prepend(first, events), headers={
+                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no"})
+            sampled = await self._until_done(request, req)
+            return JSONResponse(await self._in_pool(self.response_body, req, sampled))
+        except APIError as e:
+            return _error_response(e)
+        finally:
+            if req is not None and not stream_started:
+                self._finish(req)
+
+    async def _next_event(self, request, req: _Request, timeout: float | None):
+        """The request's next event; None after `timeout` seconds; APIError(499) when the
+        client has gone."""
+        get = asyncio.ensure_future(req.events.get())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({get, gone}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not get.done():
+                get.cancel()
+        if get in done:
+            kind, payload = get.result()
+            if kind == "error":
+                raise payload
+            return kind, payload
+        if gone in done:
+            raise APIError(499, "client closed the request")
+        return None
+
+    async def _until_done(self, request, req: _Request) -> list[_Sampled]:
+        while True:
+            ev = await self._next_event(request, req, None)
+            if ev[0] == "done":
+                return ev[1]
+
+    async def _sse(self, request, req: _Request):
+        """The SSE body: `data: <json>` events, keep-alive comments, `data: [DONE]`. The queue
+        slot is released when the stream ends, however it ends."""
+        sent = [""] * req.rows
+        started = req.kind == "chat"  # chat streams open with the role deltas at once
+        try:
+            if req.kind == "chat":
+                for i in range(req.rows):
+                    yield _sse_data(self._chunk(req, i, "", role=True))
+            try:
+                while True:
+                    ev = await self._next_event(request, req, self.keepalive_s)
+                    if ev is None:
+                        started = True
+                        yield ": keep-alive\n\n"
+                        continue
+                    kind, payload = ev
+                    if kind == "tokens":
+                        for c in await self._in_pool(self._stream_deltas, req, payload, sent):
+                            started = True
+                            yield _sse_data(c)
+                    else:
+                        for c in await self._in_pool(self._stream_tail, req, payload, sent):
+                            yield _sse_data(c)
+                        break
+            except APIError as e:
+                if e.status == 499:
+                    return
+                if not started:
+                    raise  # nothing sent yet: the handler answers with the error's status
+                yield _sse_data(e.body())  # mid-stream: an error event, then the end
+            yield "data: [DONE]\n\n"
+        finally:
+            self._finish(req)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+_TYPES: dict[str, Any] = {}
+
+
+def _typed(name: str, body: dict) -> dict:
+    """body checked against the openai package's type of that name, as JSON-ready data."""
+    cls = _TYPES.get(name)
+    if cls is None:
+        import openai.types as t
+        import openai.types.chat as tc
+        cls = _TYPES[name] = getattr(tc, name, None) or getattr(t, name)
+    return cls.model_validate(body).model_dump(mode="json", exclude_unset=True)
+
+
+def _sse_data(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _prepend(first, rest):
+    yield first
+    async for x in rest:
+        yield x
+
+
+async def _disconnected(request) -> None:
+    """Returns once the client has disconnected (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _error_response(e: APIError):
+    from starlette.responses import JSONResponse
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
+
+
+def _longest_token_chars(tokenizer) -> int | None:
+    """Most characters one token stands for (a bound from the vocabulary's strings), or None."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 - then only the body-size limit guards the tokenizer
+        return None
+    return max((len(t) for t in vocab), default=0) or None
+
+
+class _RequestLog:
+    """ASGI wrapper: one line per request (client, method, path, status, seconds), with
+    control characters escaped; headers (API keys) are never logged."""
+
+    def __init__(self, app, log: Callable[[str], None]):
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [0]
+        t0 = time.perf_counter()
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            path = scope.get("path", "")
+            if scope.get("query_string"):
+                path += "?" + scope["query_string"].decode("latin-1")
+            self.log(f"{printable(str(client[0]))} - {printable(scope.get('method', ''))} "
+                     f"{printable(path)} {status[0]} {time.perf_counter() - t0:.3f}s")
 
 
 def _norm(f: dict) -> dict:
@@ -859,152 +1276,3 @@ def _norm(f: dict) -> dict:
 def _first_stop(text: str, stops: list[str]) -> int | None:
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(found) if found else None
-
-
-# --- HTTP plumbing --------------------------------------------------------------------
-
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256  # listen backlog: many clients connect at once
-
-    def handle_error(self, request, client_address):
-        exc = sys.exc_info()[1]
-        if isinstance(exc, _DISCONNECTS):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "medssr-jax"
-    server_app: Server
-    timeout = 300
-
-    def log_message(self, format, *args):  # never logs headers (API keys)
-        if self.server_app.log_requests:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
-
-    def _send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, e: APIError) -> None:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        self._send_json(e.status, e.body(), headers)
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise APIError(411, "chunked request bodies are not supported; send Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            raise APIError(411, "a Content-Length header is required") from None
-        if length < 0 or length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise APIError(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
-        return self.rfile.read(length)
-
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/")
-
-    def do_GET(self):
-        app = self.server_app
-        try:
-            path = self._path()
-            if path == "/health":
-                return self._send_json(200, {"status": "ok"})
-            app.check_auth(self.headers.get("Authorization"))
-            if path == "/v1/models":
-                return self._send_json(200, app.models_body())
-            if path.startswith("/v1/models/"):
-                name = path[len("/v1/models/"):]
-                if name != app.model_name:
-                    raise APIError(404, f"The model '{name}' does not exist", code="model_not_found")
-                return self._send_json(200, app.model_card())
-            raise APIError(404, f"no route GET {path}", code="not_found")
-        except APIError as e:
-            self._send_error(e)
-        except _DISCONNECTS:
-            self.close_connection = True
-
-    def do_POST(self):
-        app = self.server_app
-        req = None
-        try:
-            try:
-                raw = self._read_body()
-            except APIError:
-                raise
-            path = self._path()
-            app.check_auth(self.headers.get("Authorization"))
-            if path not in ("/v1/chat/completions", "/v1/completions"):
-                raise APIError(404, f"no route POST {path}", code="not_found")
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"Invalid JSON in the request body: {e}") from None
-            if not isinstance(body, dict):
-                raise APIError(400, "the request body must be a JSON object")
-            req = (app.parse_chat if path == "/v1/chat/completions" else app.parse_completion)(body)
-            app.submit(req)
-            if req.stream:
-                self._stream(req)
-            else:
-                self._send_json(200, app.respond(req))
-        except APIError as e:
-            if req is not None:
-                req.cancelled.set()
-            try:
-                self._send_error(e)
-            except _DISCONNECTS:
-                self.close_connection = True
-        except _DISCONNECTS:
-            if req is not None:
-                req.cancelled.set()
-            self.close_connection = True
-        except Exception as e:  # noqa: BLE001 - a bug answers 500, the server keeps serving
-            if req is not None:
-                req.cancelled.set()
-            print(f"medssr server: {type(e).__name__}: {e}", file=sys.stderr)
-            try:
-                self._send_error(APIError(500, f"internal error: {type(e).__name__}",
-                                          type="server_error"))
-            except _DISCONNECTS:
-                self.close_connection = True
-
-    def _stream(self, req: _Request) -> None:
-        app = self.server_app
-        events = app.stream(req)
-        try:
-            first = next(events)  # errors before the first chunk still get a JSON status
-        except APIError:
-            raise
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-        def write(payload: str) -> None:
-            data = f"data: {payload}\n\n".encode()
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-
-        try:
-            write(json.dumps(first))
-            for ev in events:
-                write(json.dumps(ev))
-        except APIError as e:  # mid-stream: an error event, then the end of the stream
-            write(json.dumps(e.body()))
-        write("[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()

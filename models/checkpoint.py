@@ -86,9 +86,36 @@ def init_model(cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> Tra
     return shard_model(Transformer(cfg, rngs=nnx.Rngs(seed), mesh=mesh), mesh)
 
 
+def _shape_after(transform, shape: tuple, cfg: ModelConfig) -> tuple | None:
+    """Shape of transform(tensor of `shape`), computed on a zero-strided view (no memory)."""
+    try:
+        return tuple(transform(np.broadcast_to(np.zeros((), np.int8), shape), cfg).shape)
+    except ValueError:
+        return None
+
+
+def _place_lazy(lazy, transform, shape: tuple, dtype, sharding, cfg: ModelConfig) -> jax.Array:
+    """Each device's shard read from the file on its own (safetensors get_slice); a shard
+    that several devices hold (replicated axes) is read once."""
+    parts: dict[tuple, np.ndarray] = {}
+
+    def shard(index):
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in parts:
+            parts[key] = np.asarray(hf_params.read_part(transform, lazy.read, index, shape, cfg),
+                                    dtype)
+        return parts[key]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
 def load_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray, str]],
                  mesh: Mesh | None = None, source: str = "checkpoint") -> Transformer:
-    """Fill a model from (HF name, host array, file) triples, checking every tensor."""
+    """Fill a model from (HF name, tensor, file) triples, checking every tensor.
+
+    A tensor is a host array, or a lazy one (``shape``, ``dtype``, ``read(index)``, as
+    safetensors_io.LazyTensor): a parameter sharded over several devices then reads only each
+    device's part of it from the file."""
     model = abstract_model(cfg, mesh)
     expected = set(hf_params.expected_hf_names(cfg))
     seen: set[str] = set()
@@ -103,16 +130,20 @@ def load_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray, str]
                              f"with {cfg.num_layers} layers")
         path, transform = mapped
         var = _get(model, path)
-        if not np.issubdtype(host.dtype, np.floating) and host.dtype.name != "bfloat16":
-            raise ValueError(f"{where}: tensor {name!r} has non-float dtype {host.dtype}")
-        try:
-            arr = transform(np.asarray(host), cfg)
-        except ValueError:
-            arr = None
-        if arr is None or arr.shape != tuple(var.shape):
+        dtype = np.dtype(host.dtype)
+        if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+            raise ValueError(f"{where}: tensor {name!r} has non-float dtype {dtype}")
+        shape = _shape_after(transform, tuple(host.shape), cfg)
+        if shape != tuple(var.shape):
             raise ValueError(f"{where}: tensor {name!r} has shape {tuple(host.shape)}, which does not "
                              f"fit parameter {'/'.join(map(str, path))} of shape {tuple(var.shape)}")
-        var.value = _place(arr.astype(var.dtype), _sharding_for(var, mesh))
+        sharding = _sharding_for(var, mesh)
+        lazy = hasattr(host, "read") and not isinstance(host, np.ndarray)
+        if lazy and not sharding.is_fully_replicated:
+            var.value = _place_lazy(host, transform, shape, var.dtype, sharding, cfg)
+        else:
+            arr = transform(np.asarray(host.read() if lazy else host), cfg)
+            var.value = _place(arr.astype(var.dtype), sharding)
         seen.add(name)
     missing = sorted(expected - seen)
     if missing:
@@ -121,11 +152,29 @@ def load_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray, str]
     return model
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
+def dtype_name(value, setting: str = "dtype") -> str:
+    """A floating dtype given as a name ("bfloat16"), a NumPy dtype or a JAX/NumPy scalar
+    type (jnp.bfloat16, np.float32) -> its name, as configs and config.json store it."""
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not (np.issubdtype(dt, np.floating) or dt.name == "bfloat16"):
+        raise ValueError(f"{setting}={value!r} is not a floating-point dtype "
+                         "(for example 'float32', 'bfloat16' or jnp.bfloat16)")
+    return dt.name
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=None,
                     mesh: Mesh | None = None, **config_overrides) -> tuple[Transformer, ModelConfig]:
-    """Load an HF directory (config.json + safetensors) or a Llama-architecture .gguf file."""
+    """Load an HF directory (config.json + safetensors) or a Llama-architecture .gguf file.
+
+    dtype / param_dtype: compute and stored-weight dtypes, as names or JAX/NumPy dtypes.
+    """
     path = Path(path)
-    overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    dtype = dtype_name(dtype, "dtype")
+    param_dtype = dtype_name(param_dtype, "param_dtype") if param_dtype is not None else dtype
+    overrides = dict(dtype=dtype, param_dtype=param_dtype, **config_overrides)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if path.suffix == ".gguf":
@@ -139,13 +188,29 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     if not path.is_dir():
         raise ValueError(f"{path}: expected an HF checkpoint directory or a .gguf file")
     hf, config_file = safetensors_io.read_config(path, "the model")
+    _check_layer_count(hf, config_file, path)
     cfg = ModelConfig.from_hf(hf, source=str(config_file), **overrides)
-    tensors = ((name, arr, str(f)) for name, arr, f in safetensors_io.iter_tensors(path))
+    tensors = ((name, t, str(f)) for name, t, f in safetensors_io.iter_lazy_tensors(path))
     return load_tensors(cfg, tensors, mesh, str(path)), cfg
 
 
+def _check_layer_count(hf: dict, config_file: Path, directory: Path) -> None:
+    """num_hidden_layers against the layers the checkpoint holds, before anything is built
+    (a corrupt count would otherwise build a huge abstract model first)."""
+    n = hf.get("num_hidden_layers", hf.get("text_config", {}).get("num_hidden_layers")
+               if isinstance(hf.get("text_config"), dict) else None)
+    if n is None:
+        return  # ModelConfig.from_hf names the missing field
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{config_file}: num_hidden_layers must be a positive integer, got {n!r}")
+    found = safetensors_io.layer_count(directory)
+    if n > found:
+        raise ValueError(f"{config_file}: num_hidden_layers={n}, but the checkpoint in {directory} "
+                         f"holds tensors for {found} layers")
+
+
 def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike, *,
-                    dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+                    dtype=None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write an HF directory (config.json + safetensors) that transformers loads.
 
     Written into a temporary directory and renamed, so a crash leaves no
@@ -158,7 +223,7 @@ def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.P
     """
     out = Path(out_dir)
     items = {hf_params.path_to_hf(path)[0]: (path, var) for path, var in param_items(model)}
-    target = np.dtype(dtype) if dtype else None
+    target = np.dtype(dtype_name(dtype)) if dtype is not None else None
     hf_cfg = config.to_hf()
     specs = []
     for name, (path, var) in items.items():
@@ -166,7 +231,7 @@ def save_pretrained(model: Transformer, config: ModelConfig, out_dir: str | os.P
         dt = target or np.dtype(var.dtype)
         specs.append((name, shape, dt))
     if target is not None:
-        hf_cfg["torch_dtype"] = str(target)
+        hf_cfg["torch_dtype"] = target.name
     if jax.process_index() != 0:
         # Take part in the gathers, in the order process 0 writes the tensors, then wait
         # for process 0's verdict; a process that stopped early would leave 0 waiting.

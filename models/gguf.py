@@ -1,342 +1,43 @@
-"""GGUF reader (numpy only) and conversion to Hugging Face names, layouts and config.
+"""GGUF checkpoints: llama.cpp's ``gguf`` package reads and dequantises, this module maps to
+Hugging Face names, layouts and config.
 
-Written from the GGUF format description (ggml ``docs/gguf.md``) and the block layouts in
-``ggml-common.h`` / ``ggml-quants.c``. The ``gguf`` Python package is deliberately not used here:
-it is only an independent reference in the tests.
-
-File layout (little-endian)::
-
-    magic "GGUF" | uint32 version (2 or 3) | uint64 tensor_count | uint64 kv_count
-    kv_count x  (string key, uint32 value_type, value)
-    tensor_count x (string name, uint32 n_dims, uint64 ne[n_dims], uint32 ggml_type, uint64 offset)
-    padding to `general.alignment` (default 32)
-    tensor data; each tensor at data_start + offset
-
-A string is ``uint64 length`` followed by UTF-8 bytes (no terminator). ``ne[0]`` is the fastest
-varying dimension, so the numpy shape is ``reversed(ne)``; quantisation blocks run along ``ne[0]``.
-
-The file is memory-mapped, and :meth:`GGUFFile.tensor` dequantises a single tensor to float32, so
-converting a model holds at most one dequantised tensor at a time (see :func:`iter_hf_tensors`).
+:class:`GGUFFile` is a thin layer over ``gguf.GGUFReader`` (memory-mapped) and
+``gguf.quants.dequantize`` that keeps errors naming the file and the tensor or metadata key
+at fault, range-checks every tensor against the file size, and dequantises one tensor at a
+time to float32 (see :func:`iter_hf_tensors`), so converting a model holds at most one
+dequantised tensor. The ``gguf`` package is imported only when a file is opened.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 __all__ = [
-    "GGMLType",
     "GGUFFile",
     "TensorInfo",
-    "SUPPORTED_TYPES",
-    "dequantize",
     "hf_config_from_gguf",
     "iter_hf_tensors",
     "tokenizer_from_gguf",
 ]
 
-GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
+# Plain numeric types gguf.quants.dequantize leaves to the caller; the reader already views
+# their bytes with the right numpy dtype.
+_PLAIN_TYPES = {"F64", "I8", "I16", "I32", "I64"}
+# Bounds on metadata that sizes loops and arrays, so a corrupt value fails before any work.
+_MAX_LAYERS = 4096
+_MAX_HEADS = 1 << 16
 
 
-class GGMLType:
-    """ggml tensor type ids as stored in a GGUF tensor info (``enum ggml_type``)."""
-
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q8_1 = 9
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    Q8_K = 15
-    IQ2_XXS = 16
-    IQ2_XS = 17
-    IQ3_XXS = 18
-    IQ1_S = 19
-    IQ4_NL = 20
-    IQ3_S = 21
-    IQ2_S = 22
-    IQ4_XS = 23
-    I8 = 24
-    I16 = 25
-    I32 = 26
-    I64 = 27
-    F64 = 28
-    IQ1_M = 29
-    BF16 = 30
-    TQ1_0 = 34
-    TQ2_0 = 35
-    MXFP4 = 39
-    NVFP4 = 40
-    Q1_0 = 41
-
-
-TYPE_NAMES: dict[int, str] = {
-    v: k for k, v in vars(GGMLType).items() if not k.startswith("_") and isinstance(v, int)
-}
-
-# (elements per block, bytes per block). Used to size every tensor, including the ones this reader
-# cannot dequantise, so a corrupt or truncated file is caught when it is opened. Q8_1 is left out on
-# purpose: it is a scratch type for dot products, never stored in files, and its size has changed.
-BLOCK_SIZES: dict[int, tuple[int, int]] = {
-    GGMLType.F32: (1, 4),
-    GGMLType.F16: (1, 2),
-    GGMLType.BF16: (1, 2),
-    GGMLType.F64: (1, 8),
-    GGMLType.I8: (1, 1),
-    GGMLType.I16: (1, 2),
-    GGMLType.I32: (1, 4),
-    GGMLType.I64: (1, 8),
-    GGMLType.Q4_0: (32, 18),
-    GGMLType.Q4_1: (32, 20),
-    GGMLType.Q5_0: (32, 22),
-    GGMLType.Q5_1: (32, 24),
-    GGMLType.Q8_0: (32, 34),
-    GGMLType.Q2_K: (256, 84),
-    GGMLType.Q3_K: (256, 110),
-    GGMLType.Q4_K: (256, 144),
-    GGMLType.Q5_K: (256, 176),
-    GGMLType.Q6_K: (256, 210),
-    GGMLType.Q8_K: (256, 292),
-    GGMLType.IQ2_XXS: (256, 66),
-    GGMLType.IQ2_XS: (256, 74),
-    GGMLType.IQ3_XXS: (256, 98),
-    GGMLType.IQ1_S: (256, 50),
-    GGMLType.IQ4_NL: (32, 18),
-    GGMLType.IQ3_S: (256, 110),
-    GGMLType.IQ2_S: (256, 82),
-    GGMLType.IQ4_XS: (256, 136),
-    GGMLType.IQ1_M: (256, 56),
-    GGMLType.TQ1_0: (256, 54),
-    GGMLType.TQ2_0: (256, 66),
-    GGMLType.MXFP4: (32, 17),
-    GGMLType.NVFP4: (64, 36),
-    GGMLType.Q1_0: (128, 18),
-}
-
-
-def type_name(ggml_type: int) -> str:
-    return TYPE_NAMES.get(ggml_type, f"unknown ggml type {ggml_type}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Dequantisation. Every function takes the raw bytes of a whole tensor (uint8, length a multiple
-# of the block size) and returns a flat float32 array. Arithmetic follows ggml's reference
-# `dequantize_row_*` in the same order (float32 throughout), so results are bit-identical to it.
-# ---------------------------------------------------------------------------------------------
-
-
-def _blocks(raw: np.ndarray, fields: list[tuple]) -> np.ndarray:
-    """View raw bytes as an array of block records (a packed little-endian structured dtype)."""
-    dtype = np.dtype(fields)
-    return np.ascontiguousarray(raw).view(dtype)
-
-
-def _f16(a: np.ndarray) -> np.ndarray:
-    """float16 block scales as float32, shaped (n_blocks, 1) to broadcast over the block."""
-    return a.astype(np.float32).reshape(-1, 1)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """Q4_0/Q4_1/Q5 layout: element j is the low nibble of qs[j], element j+16 its high nibble."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-def _deq_f32(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view("<f4").astype(np.float32, copy=True)
-
-
-def _deq_f16(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view("<f2").astype(np.float32)
-
-
-def _deq_bf16(raw: np.ndarray) -> np.ndarray:
-    # bfloat16 is the top half of a float32.
-    bits = np.ascontiguousarray(raw).view("<u2").astype(np.uint32) << 16
-    return bits.view(np.float32)
-
-
-def _deq_f64(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view("<f8").astype(np.float32)
-
-
-def _deq_int(dtype: str) -> Callable[[np.ndarray], np.ndarray]:
-    def deq(raw: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(raw).view(dtype).astype(np.float32)
-
-    return deq
-
-
-def _deq_q8_0(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("d", "<f2"), ("qs", "i1", 32)])
-    return (_f16(b["d"]) * b["qs"].astype(np.float32)).reshape(-1)
-
-
-def _deq_q4_0(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("d", "<f2"), ("qs", "u1", 16)])
-    q = _nibbles(b["qs"]).astype(np.int8) - np.int8(8)
-    return (q.astype(np.float32) * _f16(b["d"])).reshape(-1)
-
-
-def _deq_q4_1(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
-    q = _nibbles(b["qs"]).astype(np.float32)
-    return (q * _f16(b["d"]) + _f16(b["m"])).reshape(-1)
-
-
-def _q5_values(qh_u32: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """5-bit values: 4 low bits from the nibbles, bit 4 of element j from bit j of qh."""
-    bits = (qh_u32.reshape(-1, 1) >> np.arange(32, dtype=np.uint32)) & 1
-    return _nibbles(qs).astype(np.uint8) | (bits.astype(np.uint8) << 4)
-
-
-def _deq_q5_0(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
-    q = _q5_values(b["qh"], b["qs"]).astype(np.int8) - np.int8(16)
-    return (q.astype(np.float32) * _f16(b["d"])).reshape(-1)
-
-
-def _deq_q5_1(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
-    q = _q5_values(b["qh"], b["qs"]).astype(np.float32)
-    return (q * _f16(b["d"]) + _f16(b["m"])).reshape(-1)
-
-
-def _k4_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K: 8 six-bit (scale, min) pairs packed in 12 bytes (ggml `get_scale_min_k4`)."""
-    s = scales.astype(np.uint8)
-    sc = np.empty((s.shape[0], 8), np.uint8)
-    mn = np.empty((s.shape[0], 8), np.uint8)
-    sc[:, :4] = s[:, 0:4] & 63
-    mn[:, :4] = s[:, 4:8] & 63
-    sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
-    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
-    return sc.astype(np.float32), mn.astype(np.float32)
-
-
-def _deq_q4_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
-    sc, mn = _k4_scales(b["scales"])
-    d1 = (_f16(b["d"]) * sc)[:, :, None]  # (nb, 8, 1): one scale per 32 values
-    m1 = (_f16(b["dmin"]) * mn)[:, :, None]
-    qs = b["qs"].reshape(-1, 4, 1, 32)  # 4 chunks of 32 bytes -> 64 values each
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
-    return (d1 * q - m1).reshape(-1)
-
-
-def _deq_q5_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(
-        raw,
-        [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)],
-    )
-    sc, mn = _k4_scales(b["scales"])
-    d1 = (_f16(b["d"]) * sc)[:, :, None]
-    m1 = (_f16(b["dmin"]) * mn)[:, :, None]
-    qs = b["qs"].reshape(-1, 4, 1, 32)
-    low = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
-    # sub-block i (of 8) takes its fifth bit from bit i of qh[l].
-    high = (b["qh"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-    q = (low | (high << 4)).astype(np.float32)
-    return (d1 * q - m1).reshape(-1)
-
-
-def _deq_q6_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
-    nb = b.shape[0]
-    ql = b["ql"].reshape(nb, 2, 2, 32)  # (half, first/second 32 bytes, l)
-    qh = b["qh"].reshape(nb, 2, 1, 32)
-    low = np.stack([ql[:, :, 0] & 0x0F, ql[:, :, 1] & 0x0F, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
-    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
-    q = (low | (high << 4)).astype(np.int8) - np.int8(32)  # (nb, 2, 4, 32)
-    q = q.reshape(nb, 16, 16).astype(np.float32)  # 16 sub-blocks of 16 with one scale each
-    d = (_f16(b["d"]) * b["scales"].astype(np.float32))[:, :, None]
-    return (d * q).reshape(-1)
-
-
-def _deq_q2_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("scales", "u1", 16), ("qs", "u1", 64), ("d", "<f2"), ("dmin", "<f2")])
-    nb = b.shape[0]
-    sc = b["scales"]
-    dl = (_f16(b["d"]) * (sc & 0x0F).astype(np.float32))[:, :, None]
-    ml = (_f16(b["dmin"]) * (sc >> 4).astype(np.float32))[:, :, None]
-    qs = b["qs"].reshape(nb, 2, 1, 32)
-    q = (qs >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
-    q = q.reshape(nb, 16, 16).astype(np.float32)
-    return (dl * q - ml).reshape(-1)
-
-
-def _deq_q3_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, [("hmask", "u1", 32), ("qs", "u1", 64), ("scales", "u1", 12), ("d", "<f2")])
-    nb = b.shape[0]
-    s = b["scales"]
-    lo, hi = s[:, 0:8], s[:, 8:12]
-    sc = np.empty((nb, 16), np.uint8)
-    sc[:, 0:4] = (lo[:, 0:4] & 0x0F) | ((hi & 3) << 4)
-    sc[:, 4:8] = (lo[:, 4:8] & 0x0F) | (((hi >> 2) & 3) << 4)
-    sc[:, 8:12] = (lo[:, 0:4] >> 4) | (((hi >> 4) & 3) << 4)
-    sc[:, 12:16] = (lo[:, 4:8] >> 4) | (((hi >> 6) & 3) << 4)
-    dl = (_f16(b["d"]) * (sc.astype(np.int8) - np.int8(32)).astype(np.float32))[:, :, None]
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-    q = (b["qs"].reshape(nb, 2, 1, 32) >> shifts) & 3  # (nb, half, j, l)
-    # The high bit of value (half, j, l) is bit (4 * half + j) of hmask[l]; a clear bit subtracts 4.
-    hbit = np.arange(8, dtype=np.uint8).reshape(1, 2, 4, 1)
-    h = (b["hmask"].reshape(nb, 1, 1, 32) >> hbit) & 1
-    q = q.astype(np.int8) - ((1 - h).astype(np.int8) << 2)
-    q = q.reshape(nb, 16, 16).astype(np.float32)
-    return (dl * q).reshape(-1)
-
-
-_DEQUANT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    GGMLType.F32: _deq_f32,
-    GGMLType.F16: _deq_f16,
-    GGMLType.BF16: _deq_bf16,
-    GGMLType.F64: _deq_f64,
-    GGMLType.I8: _deq_int("i1"),
-    GGMLType.I16: _deq_int("<i2"),
-    GGMLType.I32: _deq_int("<i4"),
-    GGMLType.I64: _deq_int("<i8"),
-    GGMLType.Q4_0: _deq_q4_0,
-    GGMLType.Q4_1: _deq_q4_1,
-    GGMLType.Q5_0: _deq_q5_0,
-    GGMLType.Q5_1: _deq_q5_1,
-    GGMLType.Q8_0: _deq_q8_0,
-    GGMLType.Q2_K: _deq_q2_k,
-    GGMLType.Q3_K: _deq_q3_k,
-    GGMLType.Q4_K: _deq_q4_k,
-    GGMLType.Q5_K: _deq_q5_k,
-    GGMLType.Q6_K: _deq_q6_k,
-}
-
-SUPPORTED_TYPES: frozenset[int] = frozenset(_DEQUANT)
-
-
-def dequantize(raw: np.ndarray | bytes, ggml_type: int) -> np.ndarray:
-    """Dequantise the raw bytes of whole blocks of `ggml_type` into a flat float32 array."""
-    fn = _DEQUANT.get(ggml_type)
-    if fn is None:
-        raise ValueError(f"cannot dequantize ggml type {type_name(ggml_type)}")
-    raw = np.frombuffer(raw, np.uint8) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
-    block, size = BLOCK_SIZES[ggml_type]
-    if raw.size % size:
-        raise ValueError(f"{raw.size} bytes is not a whole number of {type_name(ggml_type)} blocks ({size} B)")
-    return fn(raw.reshape(-1))
-
-
-# ---------------------------------------------------------------------------------------------
-# File parsing
-# ---------------------------------------------------------------------------------------------
+def _gguf_package(path: Path):
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"{path}: reading GGUF files needs the gguf package (pip install gguf)") from None
+    return gguf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,200 +45,89 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]  # numpy order: reversed ggml `ne`
     ggml_type: int
+    type_name: str
     offset: int  # absolute byte offset in the file
-    nbytes: int | None  # None only for a type whose block size this reader does not know
-
-    @property
-    def type_name(self) -> str:
-        return type_name(self.ggml_type)
-
-
-class _Corrupt(Exception):
-    pass
-
-
-# GGUF metadata value types: id -> (struct format or None, size)
-_SCALARS = {
-    0: ("<B", 1),  # UINT8
-    1: ("<b", 1),  # INT8
-    2: ("<H", 2),  # UINT16
-    3: ("<h", 2),  # INT16
-    4: ("<I", 4),  # UINT32
-    5: ("<i", 4),  # INT32
-    6: ("<f", 4),  # FLOAT32
-    7: ("<?", 1),  # BOOL
-    10: ("<Q", 8),  # UINT64
-    11: ("<q", 8),  # INT64
-    12: ("<d", 8),  # FLOAT64
-}
-_NUMPY_SCALARS = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1", 10: "<u8", 11: "<i8", 12: "<f8"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Cursor:
-    def __init__(self, buf: memoryview):
-        self.buf = buf
-        self.pos = 0
-
-    def need(self, n: int) -> None:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise _Corrupt(f"needs {n} bytes at offset {self.pos}, past the end of the file ({len(self.buf)} bytes)")
-
-    def unpack(self, fmt: str, size: int):
-        self.need(size)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
-
-    def u32(self) -> int:
-        return self.unpack("<I", 4)
-
-    def u64(self) -> int:
-        return self.unpack("<Q", 8)
-
-    def string(self) -> str | bytes:
-        n = self.u64()
-        self.need(n)
-        raw = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw  # kept verbatim rather than silently altered
-
-    def value(self, vtype: int, depth: int = 0) -> Any:
-        if vtype in _SCALARS:
-            fmt, size = _SCALARS[vtype]
-            return self.unpack(fmt, size)
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            if depth > 8:
-                raise _Corrupt("arrays nested too deeply")
-            etype = self.u32()
-            n = self.u64()
-            if etype in _NUMPY_SCALARS:
-                dt = np.dtype(_NUMPY_SCALARS[etype])
-                self.need(n * dt.itemsize)
-                arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
-                self.pos += n * dt.itemsize
-                return (arr != 0).tolist() if etype == 7 else arr.tolist()
-            if etype == _STRING or etype == _ARRAY:
-                # each element takes at least 8 bytes: reject absurd counts before looping
-                self.need(n * 8)
-                return [self.value(etype, depth + 1) for _ in range(n)]
-            raise _Corrupt(f"unknown array element type {etype}")
-        raise _Corrupt(f"unknown metadata value type {vtype}")
+    nbytes: int
 
 
 class GGUFFile:
     """A memory-mapped GGUF file: metadata, tensor infos, and tensors dequantised on demand.
 
-    ``metadata`` maps each key to a Python value (int, float, bool, str, or a list for arrays).
+    ``metadata`` maps each key to a Python value (int, float, bool, str, or a list for arrays);
+    ``metadata_types`` maps it to its GGUF value type name ("UINT32", "STRING", "ARRAY", ...).
     ``tensors`` maps each tensor name to a :class:`TensorInfo`, in file order.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        gguf = _gguf_package(self.path)
+        size = self.path.stat().st_size
+        if size < 8:
+            raise ValueError(f"{self.path}: not a GGUF file ({size} bytes)")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
         try:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        except ValueError as e:  # numpy refuses to map an empty file
-            raise ValueError(f"{self.path}: not a GGUF file ({e})") from None
-        try:
-            self._parse()
-        except (_Corrupt, struct.error, OverflowError) as e:
+            reader = gguf.GGUFReader(self.path)
+        except ValueError as e:
+            if "version" in str(e):
+                raise ValueError(f"{self.path}: unsupported GGUF file: {e}") from None
+            if "reshape" in str(e):  # a tensor's data view came out short
+                raise ValueError(f"{self.path}: corrupt or truncated GGUF file: tensor data runs "
+                                 f"past the end of the file ({size} bytes): {e}") from None
             raise ValueError(f"{self.path}: corrupt or truncated GGUF file: {e}") from None
-
-    def _parse(self) -> None:
-        buf = memoryview(self._mm)
-        cur = _Cursor(buf)
-        size = len(buf)
-        if size < 4 or bytes(buf[:4]) != GGUF_MAGIC:
-            head = bytes(buf[:4])
-            raise ValueError(f"{self.path}: not a GGUF file (magic {head!r}, expected {GGUF_MAGIC!r})")
-        cur.pos = 4
-        version = cur.u32()
-        if version & 0xFFFF == 0 and version != 0:
-            raise ValueError(f"{self.path}: big-endian GGUF files are not supported")
-        if version not in (2, 3):
-            raise ValueError(f"{self.path}: unsupported GGUF version {version} (this reader handles 2 and 3)")
-        self.version = version
-        n_tensors = cur.u64()
-        n_kv = cur.u64()
-        # Every KV entry and tensor info takes well over 8 bytes; this bounds loops on garbage counts.
-        if (n_tensors + n_kv) * 8 > size:
-            raise _Corrupt(f"header claims {n_tensors} tensors and {n_kv} metadata keys in a {size}-byte file")
-
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            if not isinstance(key, str):
-                raise _Corrupt(f"metadata key {key!r} is not UTF-8")
-            if key in metadata:
-                raise _Corrupt(f"duplicate metadata key {key!r}")
-            metadata[key] = cur.value(cur.u32())
-        self.metadata = metadata
-
-        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
-            raise _Corrupt(f"general.alignment must be a positive integer, got {alignment!r}")
-        self.alignment = alignment
-
-        raw_infos = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            if not isinstance(name, str):
-                raise _Corrupt(f"tensor name {name!r} is not UTF-8")
-            n_dims = cur.u32()
-            if n_dims > 8:
-                raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions")
-            ne = [cur.u64() for _ in range(n_dims)]
-            ggml_type = cur.u32()
-            offset = cur.u64()
-            raw_infos.append((name, ne, ggml_type, offset))
-
-        self.data_offset = -(-cur.pos // alignment) * alignment
-        tensors: dict[str, TensorInfo] = {}
-        for name, ne, ggml_type, offset in raw_infos:
-            if name in tensors:
-                raise _Corrupt(f"duplicate tensor {name!r}")
-            n_elements = math.prod(ne)
-            nbytes = None
-            if ggml_type in BLOCK_SIZES:
-                block, bsize = BLOCK_SIZES[ggml_type]
-                if ne and ne[0] % block:
-                    raise _Corrupt(
-                        f"tensor {name!r}: row length {ne[0]} is not a multiple of the "
-                        f"{type_name(ggml_type)} block size {block}"
-                    )
-                nbytes = n_elements // block * bsize
-            start = self.data_offset + offset
-            if start + (nbytes or 0) > size:
-                raise _Corrupt(
-                    f"tensor {name!r} ({type_name(ggml_type)}, {nbytes} bytes at offset {start}) "
-                    f"runs past the end of the file ({size} bytes)"
-                )
-            tensors[name] = TensorInfo(name, tuple(int(x) for x in reversed(ne)), ggml_type, start, nbytes)
-        self.tensors = tensors
-
-    # -- access ---------------------------------------------------------------------------------
-
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes, a read-only view into the memory map."""
-        info = self._info(name)
-        if info.nbytes is None:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported type {info.type_name}")
-        return np.asarray(self._mm[info.offset : info.offset + info.nbytes])
+        except (IndexError, KeyError, OverflowError, TypeError, MemoryError) as e:
+            raise ValueError(f"{self.path}: corrupt or truncated GGUF file: "
+                             f"{type(e).__name__}: {e}") from None
+        self._reader = reader
+        self.version = int(reader.fields["GGUF.version"].parts[0][0])
+        self.alignment = int(reader.alignment)
+        self.data_offset = int(reader.data_offset)
+        self.metadata: dict[str, Any] = {}
+        self.metadata_types: dict[str, str] = {}
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                nested = len(field.types) > 2 and field.types[1].name == "ARRAY"
+                self.metadata[key] = _field_value(field) if nested else field.contents()
+            except UnicodeDecodeError:
+                self.metadata[key] = _field_value(field)  # undecodable strings kept as bytes
+            except (ValueError, IndexError) as e:
+                raise ValueError(f"{self.path}: metadata key {key!r} cannot be read: {e}") from None
+            self.metadata_types[key] = field.types[0].name if field.types else "?"
+        self.tensors: dict[str, TensorInfo] = {}
+        self._data: dict[str, Any] = {}
+        for t in reader.tensors:
+            qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+            info = TensorInfo(t.name, tuple(int(x) for x in reversed(t.shape.tolist())), int(qtype),
+                              qtype.name, int(t.data_offset), int(t.n_bytes))
+            if info.offset + info.nbytes > size or t.data.nbytes != info.nbytes:
+                raise ValueError(
+                    f"{self.path}: corrupt or truncated GGUF file: tensor {t.name!r} ({qtype.name}, "
+                    f"{info.nbytes} bytes at offset {info.offset}) runs past the end of the file "
+                    f"({size} bytes)")
+            self.tensors[t.name] = info
+            self._data[t.name] = t
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor `name` dequantised to a new float32 array in numpy shape order."""
+        import gguf
+
         info = self._info(name)
-        if info.ggml_type not in _DEQUANT:
-            raise ValueError(
-                f"{self.path}: tensor {name!r} has type {info.type_name}, which this reader cannot "
-                f"dequantize (supported: {', '.join(sorted(type_name(t) for t in SUPPORTED_TYPES))})"
-            )
-        return dequantize(self.raw(name), info.ggml_type).reshape(info.shape)
+        t = self._data[name]
+        try:
+            if info.type_name in _PLAIN_TYPES:
+                out = np.asarray(t.data, np.float32)
+            else:
+                out = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(info.ggml_type))
+        except (NotImplementedError, ValueError) as e:
+            raise ValueError(f"{self.path}: tensor {name!r} has type {info.type_name}, which cannot "
+                             f"be dequantized: {e}") from None
+        return np.asarray(out, np.float32).reshape(info.shape)
 
     def _info(self, name: str) -> TensorInfo:
         try:
@@ -546,7 +136,8 @@ class GGUFFile:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
     def close(self) -> None:
-        self._mm = None  # the map is released once no returned view refers to it
+        self._reader = None
+        self._data = {}  # the map is released once no returned view refers to it
 
     def __enter__(self) -> "GGUFFile":
         return self
@@ -557,6 +148,38 @@ class GGUFFile:
     def __repr__(self) -> str:
         arch = self.metadata.get("general.architecture", "?")
         return f"GGUFFile({str(self.path)!r}, v{self.version}, arch={arch}, {len(self.tensors)} tensors)"
+
+
+def _field_value(field) -> Any:
+    """A metadata value rebuilt from the reader's parts, for what ``ReaderField.contents()``
+    does not return as written: arrays of arrays (it flattens them) and strings that are not
+    UTF-8 (kept as bytes rather than altered)."""
+    parts, pos = field.parts, 3  # after the key's length, the key and the value type
+
+    def walk(vtype: int):
+        nonlocal pos
+        name = _VALUE_TYPES[vtype]
+        if name == "STRING":  # (length, bytes)
+            raw = parts[pos + 1].tobytes()
+            pos += 2
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw
+        if name == "ARRAY":  # (element type, count, elements...)
+            etype, count = int(parts[pos][0]), int(parts[pos + 1][0])
+            pos += 2
+            return [walk(etype) for _ in range(count)]
+        value = parts[pos].tolist()[0]
+        pos += 1
+        return value
+
+    return walk(int(field.types[0]))
+
+
+_VALUE_TYPES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32",
+                6: "FLOAT32", 7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64",
+                12: "FLOAT64"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,35 +213,66 @@ _GLOBAL_NAMES = {
 }
 
 
+_MISSING = object()
+
+
+def _meta(gguf: GGUFFile, key: str, kind: type, default: Any = _MISSING, *, positive: bool = False,
+          maximum: int | None = None):
+    """Metadata value `key` checked for type and range; errors name the file and the key."""
+    md = gguf.metadata
+    if key not in md:
+        if default is _MISSING:
+            raise ValueError(f"{gguf.path}: metadata key {key!r} is missing")
+        return default
+    v = md[key]
+    if kind is int:
+        ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    elif kind is float:
+        ok = isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
+    else:
+        ok = isinstance(v, kind)
+    if not ok:
+        shown = repr(v) if len(repr(v)) < 60 else repr(v)[:57] + "..."
+        raise ValueError(f"{gguf.path}: metadata key {key!r} must be {'an integer' if kind is int else 'a ' + kind.__name__}, "
+                         f"got {gguf.metadata_types.get(key, type(v).__name__)} {shown}")
+    if positive and v <= 0:
+        raise ValueError(f"{gguf.path}: metadata key {key!r} must be positive, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{gguf.path}: metadata key {key!r} is {v}, more than {maximum}; the file "
+                         "is corrupt")
+    return kind(v)
+
+
 def _arch(gguf: GGUFFile) -> str:
     arch = gguf.metadata.get("general.architecture")
-    if arch not in _ARCHS:
+    if not isinstance(arch, str) or arch not in _ARCHS:
         raise ValueError(
-            f"{gguf.path}: GGUF architecture {arch!r} is not supported "
+            f"{gguf.path}: GGUF architecture {arch!r} (general.architecture) is not supported "
             f"(supported: {', '.join(sorted(_ARCHS))})"
         )
     return arch
 
 
-def _rope_scaling(md: dict[str, Any], arch: str) -> dict[str, Any] | None:
+def _rope_scaling(gguf: GGUFFile, arch: str) -> dict[str, Any] | None:
+    md = gguf.metadata
     p = f"{arch}.rope.scaling."
-    rtype = md.get(p + "type")
-    factor = md.get(p + "factor")
+    rtype = _meta(gguf, p + "type", str, None)
+    factor = _meta(gguf, p + "factor", float, None)
     if rtype is None and f"{arch}.rope.scale_linear" in md:  # older files
-        rtype, factor = "linear", md[f"{arch}.rope.scale_linear"]
+        rtype, factor = "linear", _meta(gguf, f"{arch}.rope.scale_linear", float)
     if rtype in (None, "none"):
         return None
     out: dict[str, Any] = {"rope_type": rtype}
     if factor is not None:
         out["factor"] = float(factor)
-    for gguf_key, hf_key in (
-        ("original_context_length", "original_max_position_embeddings"),
-        ("attn_factor", "attention_factor"),
-        ("yarn_beta_fast", "beta_fast"),
-        ("yarn_beta_slow", "beta_slow"),
+    for gguf_key, hf_key, kind in (
+        ("original_context_length", "original_max_position_embeddings", int),
+        ("attn_factor", "attention_factor", float),
+        ("yarn_beta_fast", "beta_fast", float),
+        ("yarn_beta_slow", "beta_slow", float),
     ):
         if p + gguf_key in md:
-            out[hf_key] = md[p + gguf_key]
+            out[hf_key] = _meta(gguf, p + gguf_key, kind)
     return out
 
 
@@ -628,24 +282,24 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
     hf_class, model_type, _ = _ARCHS[arch]
     md = gguf.metadata
 
-    def req(key: str):
-        full = f"{arch}.{key}"
-        if full not in md:
-            raise ValueError(f"{gguf.path}: metadata key {full!r} is missing")
-        return md[full]
+    def req(key: str, kind: type = int, **kw):
+        return _meta(gguf, f"{arch}.{key}", kind, **kw)
 
-    hidden = int(req("embedding_length"))
-    n_heads = int(req("attention.head_count"))
-    n_kv = md.get(f"{arch}.attention.head_count_kv", n_heads)
-    if isinstance(n_kv, list):
+    hidden = req("embedding_length", positive=True)
+    n_heads = req("attention.head_count", positive=True, maximum=_MAX_HEADS)
+    if isinstance(md.get(f"{arch}.attention.head_count_kv"), list):
         raise ValueError(f"{gguf.path}: per-layer {arch}.attention.head_count_kv is not supported")
-    head_dim = md.get(f"{arch}.attention.key_length") or md.get(f"{arch}.rope.dimension_count")
-    head_dim = int(head_dim) if head_dim else hidden // n_heads
+    n_kv = req("attention.head_count_kv", default=n_heads, positive=True, maximum=_MAX_HEADS)
+    head_dim = (req("attention.key_length", default=None, positive=True)
+                or req("rope.dimension_count", default=None, positive=True) or hidden // n_heads)
+    if head_dim <= 0:
+        raise ValueError(f"{gguf.path}: metadata key {arch}.embedding_length={hidden} is smaller "
+                         f"than {arch}.attention.head_count={n_heads}")
 
     if "token_embd.weight" in gguf.tensors:
         vocab = gguf.tensors["token_embd.weight"].shape[0]
     elif f"{arch}.vocab_size" in md:
-        vocab = int(md[f"{arch}.vocab_size"])
+        vocab = req("vocab_size", positive=True)
     elif "tokenizer.ggml.tokens" in md:
         vocab = len(md["tokenizer.ggml.tokens"])
     else:
@@ -656,15 +310,15 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
         "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(req("feed_forward_length")),
-        "num_hidden_layers": int(req("block_count")),
+        "intermediate_size": req("feed_forward_length", positive=True),
+        "num_hidden_layers": req("block_count", positive=True, maximum=_MAX_LAYERS),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(n_kv),
+        "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(req("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(md.get(f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(req("context_length")),
+        "rms_norm_eps": req("attention.layer_norm_rms_epsilon", float, positive=True),
+        "rope_theta": req("rope.freq_base", float, default=10000.0, positive=True),
+        "max_position_embeddings": req("context_length", positive=True),
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
     }
     for hf_key, gguf_key in (
@@ -673,8 +327,8 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
         ("pad_token_id", "tokenizer.ggml.padding_token_id"),
     ):
         if gguf_key in md:
-            config[hf_key] = int(md[gguf_key])
-    scaling = _rope_scaling(md, arch)
+            config[hf_key] = _meta(gguf, gguf_key, int)
+    scaling = _rope_scaling(gguf, arch)
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
@@ -722,10 +376,13 @@ def iter_hf_tensors(gguf: GGUFFile) -> Iterator[tuple[str, np.ndarray]]:
     config = hf_config_from_gguf(gguf) if permuted else None
     for name, hf in names:
         w = gguf.tensor(name)
-        if permuted and ".attn_q." in name:
-            w = _unpermute(w, config["num_attention_heads"])
-        elif permuted and ".attn_k." in name:
-            w = _unpermute(w, config["num_key_value_heads"])
+        try:
+            if permuted and ".attn_q." in name:
+                w = _unpermute(w, config["num_attention_heads"])
+            elif permuted and ".attn_k." in name:
+                w = _unpermute(w, config["num_key_value_heads"])
+        except ValueError as e:
+            raise ValueError(f"{gguf.path}: tensor {name!r} of shape {w.shape}: {e}") from None
         yield hf, w
 
 
@@ -788,8 +445,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 def tokenizer_from_gguf(path: str | os.PathLike):
     """A ``transformers.PreTrainedTokenizerFast`` built from the file's ``tokenizer.*`` metadata.
 
-    Only the ``tokenizers`` library and this module's reader are used: neither torch nor the ``gguf``
-    package is needed (transformers' own ``from_pretrained(..., gguf_file=...)`` needs both).
+    Only the ``tokenizers`` library and the ``gguf`` package's reader are used: torch is not
+    needed (transformers' own ``from_pretrained(..., gguf_file=...)`` needs it).
     Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) are supported, with the
     pre-tokenizer picked from ``tokenizer.ggml.pre`` as llama.cpp picks it. CONTROL tokens become
     special added tokens and USER_DEFINED ones plain added tokens, so neither is ever split;

@@ -15,11 +15,21 @@ from models.config import ModelConfig
 
 Path = tuple  # ("layers", 3, "q_dnh")
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+# read(hf_index) -> that part of the HF tensor; see read_part.
+Reader = Callable[[tuple], np.ndarray]
 
 
-def _heads_in(heads_attr: str) -> Transform:
-    # HF [heads*H, D] -> ours [D, heads, H]
-    return lambda w, c: w.reshape(getattr(c, heads_attr), c.head_dim, c.hidden_size).transpose(2, 0, 1)
+class _HeadsIn:
+    """HF [heads*H, D] -> ours [D, heads, H]."""
+
+    def __init__(self, heads_attr: str):
+        self.heads_attr = heads_attr
+
+    def __call__(self, w: np.ndarray, c: ModelConfig) -> np.ndarray:
+        return w.reshape(getattr(c, self.heads_attr), c.head_dim, c.hidden_size).transpose(2, 0, 1)
+
+
+_heads_in = _HeadsIn
 
 
 def _heads_out(w: np.ndarray, c: ModelConfig) -> np.ndarray:
@@ -62,6 +72,33 @@ RULES: list[tuple[str, tuple, Transform, Transform]] = [
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", ("layers", "{i}", "down_fd"), _t, _t),
 ]
 _COMPILED = [(re.compile(p + r"\Z"), path, fwd, back) for p, path, fwd, back in RULES]
+
+
+def _whole(index: tuple, shape: tuple) -> tuple:
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+
+
+def read_part(transform: Transform, read: Reader, index: tuple, ours_shape: tuple,
+              cfg: ModelConfig) -> np.ndarray:
+    """(transform(hf tensor))[index], reading only the HF rows/columns it needs: a device's
+    shard of a parameter straight from a sharded-read-capable file (safetensors get_slice).
+    index: a tuple of step-1 slices over our layout (as jax.make_array_from_callback gives)."""
+    idx = _whole(index, ours_shape)
+    if transform is _id:
+        return read(idx)
+    if transform is _t:
+        return read(idx[::-1]).T
+    if isinstance(transform, _HeadsIn):  # ours [D, n, H] <- HF [n*H, D]
+        d, n, h = idx
+        rows = slice(n.start * cfg.head_dim, n.stop * cfg.head_dim)
+        part = read((rows, d))
+        return part.reshape(n.stop - n.start, cfg.head_dim, -1).transpose(2, 0, 1)[:, :, h]
+    if transform is _o_in:  # ours [N, H, D] <- HF [D, N*H]
+        n, h, d = idx
+        cols = slice(n.start * cfg.head_dim, n.stop * cfg.head_dim)
+        part = read((d, cols))
+        return part.reshape(-1, n.stop - n.start, cfg.head_dim).transpose(1, 2, 0)[:, h, :]
+    return transform(read(()), cfg)[idx]
 
 
 def hf_to_path(name: str) -> tuple[Path, Transform] | None:

@@ -1,14 +1,21 @@
-"""A small safetensors reader/writer (numpy + ml_dtypes, memory-mapped).
+"""Safetensors checkpoints: read through the `safetensors` package, written by a streaming writer.
 
-Written against the format spec rather than the `safetensors` package so that
-bf16 reads without torch, tensors stream one at a time, and a corrupt file is
-reported with its name and the tensor at fault.
+Reading uses the package's numpy API (``safe_open``): bf16 comes back as ml_dtypes.bfloat16,
+``SafetensorsFile.read`` takes one slice of a tensor (one device's shard) without reading the
+rest, and the package checks the header and every tensor's offsets. This layer adds errors
+that name the file and the tensor at fault, and for sharded checkpoints an index that may only
+name regular files inside the checkpoint directory.
+
+Writing stays here (:func:`write_sharded`): ``safetensors.numpy.save_file`` takes a dict of
+whole arrays, so saving a 5 GB shard would hold all of it in host memory, while this writer
+writes the header first and then fetches and writes one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -28,52 +35,88 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_TYPES = ("F64", "F32", "F16", "BF16")
 
 
+def _regular_file(path: Path, what: str) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing ({what})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file ({what}); refusing to read it")
+
+
+def _diagnose(path: Path) -> str:
+    """Why the package refused a file, naming the tensor where the header allows."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, 100 * 2**20):
+                return f"header length {n} does not fit the {size}-byte file"
+            header = json.loads(f.read(n))
+        data = size - 8 - n
+        for name, e in header.items():
+            if name == "__metadata__" or not isinstance(e, dict):
+                continue
+            begin, end = e.get("data_offsets", (None, None))
+            if not (isinstance(begin, int) and isinstance(end, int)) or not 0 <= begin <= end:
+                return f"tensor {name!r} has invalid data_offsets {e.get('data_offsets')!r}"
+            if end > data:
+                return (f"tensor {name!r} data is truncated (bytes {begin}..{end} of a "
+                        f"{data}-byte data section)")
+    except (OSError, ValueError, struct.error, AttributeError, TypeError):
+        pass
+    return ""
+
+
 class SafetensorsFile:
-    """Header parsed eagerly; tensor data read lazily from a memory map."""
+    """One safetensors file, opened with the `safetensors` package; tensors read on demand."""
 
     def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
         self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"{self.path}: not a safetensors file (shorter than its header)")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > size - 8 or header_len > 100 * 2**20:
-                raise ValueError(f"{self.path}: corrupt safetensors header (length {header_len})")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{self.path}: corrupt safetensors header: {e}") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.data_start = 8 + header_len
-        self.entries = header
-        for name, e in header.items():
-            if e.get("dtype") not in DTYPES:
-                raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-            begin, end = e["data_offsets"]
-            expected = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
-            if end - begin != expected or self.data_start + end > size:
-                raise ValueError(f"{self.path}: tensor {name!r} data is truncated or inconsistent "
-                                 f"(shape {e['shape']}, {e['dtype']}, bytes {begin}..{end}, file {size})")
-        self._mmap = None
+        _regular_file(self.path, "a safetensors file")
+        try:
+            self._file = safe_open(str(self.path), framework="numpy")
+            self.metadata = self._file.metadata() or {}
+            self.entries = {}
+            for name in self._file.keys():
+                sl = self._file.get_slice(name)
+                self.entries[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, ValueError) as e:
+            why = _diagnose(self.path)
+            if why:
+                raise ValueError(f"{self.path}: {why} (safetensors: {e})") from None
+            raise ValueError(f"{self.path}: not a safetensors file ({e})") from None
+        for name, (shape, dtype) in self.entries.items():
+            if dtype not in DTYPES:
+                raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.entries[name]["shape"])
+        return self.entries[name][0]
 
     def dtype_name(self, name: str) -> str:
-        return self.entries[name]["dtype"]
+        return self.entries[name][1]
 
     def tensor(self, name: str) -> np.ndarray:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        e = self.entries[name]
-        begin, end = e["data_offsets"]
-        buf = self._mmap[self.data_start + begin:self.data_start + end]
-        return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+        """The whole tensor (bf16 as ml_dtypes.bfloat16)."""
+        return self.read(name)
+
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        """tensor[index] (a tuple of slices), reading only that part of the file."""
+        from safetensors import SafetensorError
+
+        if name not in self.entries:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        try:
+            if not index:
+                return self._file.get_tensor(name)
+            return self._file.get_slice(name)[index]
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{self.path}: tensor {name!r} cannot be read: {e}") from None
 
 
 def read_config(directory: Path, needed_for: str) -> tuple[dict, Path]:
@@ -88,30 +131,78 @@ def read_config(directory: Path, needed_for: str) -> tuple[dict, Path]:
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of an HF directory (sharded via its index, or single)."""
+    """The safetensors files of an HF directory (sharded via its index, or single).
+
+    An index may only name regular files inside `directory` (no absolute paths, no "..",
+    no symlinks leading out, no FIFOs or devices)."""
+    directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.exists():
+        _regular_file(index, "the safetensors index")
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (directory / f).exists()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
-        return [directory / f for f in files]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        root = directory.resolve()
+        files = []
+        for name in sorted(set(weight_map.values())):
+            target = (directory / name).resolve()
+            if Path(name).is_absolute() or not target.is_relative_to(root):
+                raise ValueError(f"{index}: shard {name!r} is outside the checkpoint directory {directory}")
+            if not (directory / name).exists():
+                raise FileNotFoundError(f"{index} names a shard that is missing: {name!r}")
+            _regular_file(directory / name, f"a shard named by {index.name}")
+            files.append(directory / name)
+        return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory}: no *.safetensors files (only safetensors/GGUF are loaded)")
     return files
 
 
-def iter_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray, Path]]:
-    """(name, array, file) one tensor at a time across all shards."""
+class LazyTensor:
+    """A tensor not yet read: its shape and dtype, and `read(index)` for a part of it."""
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        self.file, self.name = file, name
+        self.shape = file.shape(name)
+        self.dtype = DTYPES[file.dtype_name(name)]
+
+    def read(self, index: tuple = ()) -> np.ndarray:
+        return self.file.read(self.name, index)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.read()
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def iter_lazy_tensors(directory: Path) -> Iterator[tuple[str, LazyTensor, Path]]:
+    """(name, LazyTensor, file) across all shards; nothing is read until asked for."""
     for path in checkpoint_files(directory):
         st = SafetensorsFile(path)
         for name in st.keys():
-            yield name, st.tensor(name), path
+            yield name, LazyTensor(st, name), path
+
+
+def iter_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray, Path]]:
+    """(name, array, file) one tensor at a time across all shards."""
+    for name, lazy, path in iter_lazy_tensors(directory):
+        yield name, lazy.read(), path
+
+
+def layer_count(directory: Path) -> int:
+    """1 + the highest `model.layers.{i}.` index among the checkpoint's tensor names (headers
+    only), so a config's layer count can be checked before anything is built."""
+    top = -1
+    for path in checkpoint_files(directory):
+        for name in SafetensorsFile(path).keys():
+            parts = name.split(".")
+            if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+                top = max(top, int(parts[2]))
+    return top + 1
 
 
 def write_sharded(directory: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],

@@ -27,102 +27,6 @@ RNG = np.random.default_rng(0)
 
 # Offsets of the float16 scale fields inside one block (ggml-common.h), so random blocks get
 # finite scales rather than random NaN/inf bit patterns.
-F16_FIELDS = {
-    QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
-    QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
-}
-QUANTIZABLE = [QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
-
-
-def random_blocks(qtype: QT, n_blocks: int) -> np.ndarray:
-    block, size = GGML_QUANT_SIZES[qtype]
-    if qtype == QT.F32:
-        return RNG.standard_normal(n_blocks).astype(np.float32).view(np.uint8)
-    if qtype == QT.F16:
-        return RNG.standard_normal(n_blocks).astype(np.float16).view(np.uint8)
-    if qtype == QT.BF16:
-        f = RNG.standard_normal(n_blocks).astype(np.float32)
-        return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    raw = RNG.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        scales = (RNG.standard_normal(n_blocks) * 0.05).astype(np.float16)
-        raw[:, off : off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
-    return raw.reshape(-1)
-
-
-# --------------------------------------------------------------------------------------------
-# dequantisation
-# --------------------------------------------------------------------------------------------
-
-
-def test_block_sizes_match_reference():
-    for t, sizes in mg.BLOCK_SIZES.items():
-        assert GGML_QUANT_SIZES[QT(t)] == sizes, QT(t).name
-        assert mg.type_name(t) == QT(t).name
-
-
-@pytest.mark.parametrize(
-    "qtype",
-    [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
-     QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K],
-    ids=lambda t: t.name,
-)
-def test_dequantize_random_blocks_matches_gguf(qtype):
-    block, size = GGML_QUANT_SIZES[qtype]
-    n_blocks = 8 * 1024 // block if block > 1 else 4096
-    raw = random_blocks(qtype, n_blocks)
-    ours = mg.dequantize(raw, int(qtype))
-    ref = gguf.quants.dequantize(raw.reshape(-1, size) if block > 1 else raw, qtype).reshape(-1)
-    assert ours.dtype == np.float32 and ours.shape == (n_blocks * block,)
-    assert np.isfinite(ours).all()
-    np.testing.assert_array_equal(ours, ref.astype(np.float32))
-
-
-@pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda t: t.name)
-def test_dequantize_of_gguf_quantize(qtype):
-    x = RNG.standard_normal((16, 256)).astype(np.float32)
-    q = gguf.quants.quantize(x, qtype)
-    ref = gguf.quants.dequantize(q, qtype)
-    ours = mg.dequantize(q.reshape(-1).view(np.uint8), int(qtype)).reshape(x.shape)
-    np.testing.assert_array_equal(ours, ref)
-    if qtype == QT.Q8_0:
-        assert np.abs(ours - x).max() < 0.02
-
-
-def test_dequantize_hand_built_blocks():
-    """Spec layouts checked by hand, independent of gguf-py."""
-    # Q8_0: f16 d then 32 int8.
-    q = np.arange(-16, 16, dtype=np.int8)
-    raw = np.float16(0.5).tobytes() + q.tobytes()
-    np.testing.assert_array_equal(mg.dequantize(raw, mg.GGMLType.Q8_0), q.astype(np.float32) * 0.5)
-    # Q4_1: f16 d, f16 m, 16 bytes; value j = low nibble of byte j, value j+16 = high nibble.
-    nib = np.arange(16, dtype=np.uint8)
-    packed = (nib | ((15 - nib) << 4)).astype(np.uint8)
-    raw = np.float16(2.0).tobytes() + np.float16(-1.0).tobytes() + packed.tobytes()
-    expect = np.concatenate([nib, 15 - nib]).astype(np.float32) * 2 - 1
-    np.testing.assert_array_equal(mg.dequantize(raw, mg.GGMLType.Q4_1), expect)
-    # Q4_0: value = d * (nibble - 8).
-    raw = np.float16(0.25).tobytes() + packed.tobytes()
-    expect = (np.concatenate([nib, 15 - nib]).astype(np.float32) - 8) * 0.25
-    np.testing.assert_array_equal(mg.dequantize(raw, mg.GGMLType.Q4_0), expect)
-    # Q5_0: bit j of qh is the fifth bit of value j.
-    qh = np.uint32(0xFFFF0000)  # values 16..31 get +16
-    raw = np.float16(1.0).tobytes() + qh.tobytes() + packed.tobytes()
-    expect = np.concatenate([nib, 15 - nib + 16]).astype(np.float32) - 16
-    np.testing.assert_array_equal(mg.dequantize(raw, mg.GGMLType.Q5_0), expect)
-    # BF16 is the top half of a float32.
-    f = np.array([1.5, -2.25, 2.0**120, -(2.0**-126)], np.float32)  # bf16-exact values
-    bf = (f.view(np.uint32) >> 16).astype(np.uint16)
-    np.testing.assert_array_equal(mg.dequantize(bf.tobytes(), mg.GGMLType.BF16), f)
-
-
-def test_dequantize_rejects_partial_blocks_and_unknown_types():
-    with pytest.raises(ValueError, match="Q8_0"):
-        mg.dequantize(np.zeros(35, np.uint8), mg.GGMLType.Q8_0)
-    with pytest.raises(ValueError, match="IQ4_NL"):
-        mg.dequantize(np.zeros(18, np.uint8), mg.GGMLType.IQ4_NL)
-
-
 # --------------------------------------------------------------------------------------------
 # a tiny llama written with gguf-py's GGUFWriter
 # --------------------------------------------------------------------------------------------
@@ -408,15 +312,24 @@ def test_corrupt_files_name_the_file(tiny, tmp_path, damage, message):
     assert str(bad) in str(err.value)
 
 
-def test_unsupported_type_unknown_tensor_and_arch(tmp_path):
+def test_other_quant_types_unknown_tensor_and_arch(tmp_path):
+    # IQ4_NL (no hand-written dequantizer ever covered it) reads through gguf.quants;
+    # Q8_K has no dequantizer anywhere and fails naming the file, tensor and type.
     iq = RNG.integers(0, 256, size=(4, 18 * 2), dtype=np.uint8)  # IQ4_NL: 4 rows of 64 values
+    iq[:, 0:2] = np.array([0.01], np.float16).view(np.uint8)
+    iq[:, 18:20] = np.array([0.01], np.float16).view(np.uint8)
+    q8k = np.zeros((2, 292), np.uint8)  # Q8_K: 2 rows of 256 values
     path = tmp_path / "odd.gguf"
-    write_tiny_llama(path, extra_tensors=[("blk.0.attn_sinks.weight", iq, QT.IQ4_NL)])
+    write_tiny_llama(path, extra_tensors=[("blk.0.attn_sinks.weight", iq, QT.IQ4_NL),
+                                          ("blk.0.odd.weight", q8k, QT.Q8_K)])
     f = mg.GGUFFile(path)
     assert f.tensors["blk.0.attn_sinks.weight"].shape == (4, 64)
-    with pytest.raises(ValueError, match="IQ4_NL") as err:
-        f.tensor("blk.0.attn_sinks.weight")
-    assert str(path) in str(err.value) and "blk.0.attn_sinks.weight" in str(err.value)
+    assert f.tensors["blk.0.attn_sinks.weight"].type_name == "IQ4_NL"
+    np.testing.assert_array_equal(f.tensor("blk.0.attn_sinks.weight"),
+                                  gguf.quants.dequantize(iq, QT.IQ4_NL))
+    with pytest.raises(ValueError, match="Q8_K") as err:
+        f.tensor("blk.0.odd.weight")
+    assert str(path) in str(err.value) and "blk.0.odd.weight" in str(err.value)
     with pytest.raises(ValueError, match="blk.0.attn_sinks.weight") as err:
         next(mg.iter_hf_tensors(f))
     assert str(path) in str(err.value)
@@ -827,13 +740,12 @@ def test_tokenizer_from_gguf_errors_name_the_file(tmp_path):
     assert tok.convert_ids_to_tokens(tok("12345")["input_ids"]) == ["123", "4", "5"]
 
 
-NO_TORCH_NO_GGUF = """
+NO_TORCH = """
 import json, sys
 sys.modules["torch"] = None  # `import torch` now raises ImportError
-sys.modules["gguf"] = None
 from models.gguf import tokenizer_from_gguf
 tok = tokenizer_from_gguf(sys.argv[1])
-assert sys.modules["torch"] is None and sys.modules["gguf"] is None
+assert sys.modules["torch"] is None
 print(json.dumps([tok(t)["input_ids"] for t in json.loads(sys.argv[2])]))
 """
 
@@ -841,14 +753,14 @@ print(json.dumps([tok(t)["input_ids"] for t in json.loads(sys.argv[2])]))
 @pytest.mark.parametrize(
     "which", ["tiny", pytest.param("smollm2", marks=[pytest.mark.real_assets, pytest.mark.slow])]
 )
-def test_tokenizer_from_gguf_needs_neither_torch_nor_gguf(tmp_path, which):
+def test_tokenizer_from_gguf_needs_no_torch(tmp_path, which):
     if which == "tiny":
         path, texts = tmp_path / "tiny.gguf", TINY_TEXTS
         write_tiny_tokenizer(path, pre="smollm")
     else:
         path, texts = assets.smollm2_gguf(), TOKENIZER_TEXTS
     out = subprocess.run(
-        [sys.executable, "-c", NO_TORCH_NO_GGUF, str(path), json.dumps(texts)],
+        [sys.executable, "-c", NO_TORCH, str(path), json.dumps(texts)],
         cwd=Path(__file__).parents[1], capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr
@@ -937,3 +849,49 @@ def test_asset_env_overrides(tmp_path, monkeypatch):
 def test_assets_module_does_not_import_torch():
     code = "import sys; import medssr_jax.assets; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def write_config_only(path: Path, **overrides):
+    """A llama GGUF holding only config metadata; overrides: key suffix -> (value, GGUFValueType)."""
+    vt = gguf.GGUFValueType
+    keys = {"context_length": (256, vt.UINT32), "embedding_length": (64, vt.UINT32),
+            "block_count": (2, vt.UINT32), "feed_forward_length": (128, vt.UINT32),
+            "attention.head_count": (4, vt.UINT32), "attention.head_count_kv": (2, vt.UINT32),
+            "attention.layer_norm_rms_epsilon": (1e-5, vt.FLOAT32), "vocab_size": (96, vt.UINT32)}
+    keys.update(overrides)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, vtype) in keys.items():
+        w.add_key_value(f"llama.{key}", value, vtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, None),
+    ({"attention.head_count": (0, gguf.GGUFValueType.UINT32)},
+     r"'llama\.attention\.head_count' must be positive, got 0"),
+    ({"attention.head_count_kv": (0, gguf.GGUFValueType.UINT32)},
+     r"'llama\.attention\.head_count_kv' must be positive, got 0"),
+    ({"block_count": ("two", gguf.GGUFValueType.STRING)},
+     r"'llama\.block_count' must be an integer, got STRING 'two'"),
+    ({"attention.layer_norm_rms_epsilon": ("tiny", gguf.GGUFValueType.STRING)},
+     r"'llama\.attention\.layer_norm_rms_epsilon' must be a float, got STRING"),
+    ({"block_count": (10**9, gguf.GGUFValueType.UINT32)},
+     r"'llama\.block_count' is 1000000000, more than 4096; the file is corrupt"),
+    ({"embedding_length": (2, gguf.GGUFValueType.UINT32)},
+     r"llama\.embedding_length=2 is smaller than llama\.attention\.head_count=4"),
+], ids=["valid", "zero-heads", "zero-kv-heads", "string-layers", "string-eps", "absurd-layers",
+        "tiny-hidden"])
+def test_bad_metadata_names_the_key(tmp_path, overrides, message):
+    path = write_config_only(tmp_path / "cfg.gguf", **overrides)
+    f = mg.GGUFFile(path)
+    if message is None:
+        cfg = mg.hf_config_from_gguf(f)
+        assert cfg["num_attention_heads"] == 4 and cfg["head_dim"] == 16 and cfg["vocab_size"] == 96
+        return
+    with pytest.raises(ValueError, match=message) as err:
+        mg.hf_config_from_gguf(f)
+    assert str(path) in str(err.value)

@@ -186,6 +186,24 @@ def test_bf16_forward_close_to_fp32(tmp_path):
     assert (l16.argmax(-1) == l32.argmax(-1)).mean() > 0.9
 
 
+def test_dtype_objects_load_and_save(tmp_path):
+    hf = make_hf_model("qwen3", tied=False)
+    hf.save_pretrained(tmp_path / "hf")
+    m16, cfg16 = models.from_pretrained(tmp_path / "hf", dtype=jnp.bfloat16)
+    assert cfg16.dtype == cfg16.param_dtype == "bfloat16"
+    assert m16.layers[0].q_dnh[...].dtype == jnp.bfloat16
+    out = models.save_pretrained(m16, cfg16, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    again, cfg_again = models.from_pretrained(out, dtype=np.dtype("bfloat16"), param_dtype=np.float32)
+    assert cfg_again.param_dtype == "float32" and again.layers[0].q_dnh[...].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(again.layers[0].q_dnh[...]),
+                                  np.asarray(m16.layers[0].q_dnh[...]).astype(np.float32))
+    models.save_pretrained(again, cfg_again, tmp_path / "out16", dtype=jnp.bfloat16)
+    assert json.loads((tmp_path / "out16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"param_dtype=.*int32.* not a floating-point dtype"):
+        models.from_pretrained(out, param_dtype=jnp.int32)
+
+
 def test_sharded_forward_equals_unsharded(tmp_path):
     assert jax.device_count() == 8
     hf = make_hf_model("qwen3", heads=4, kv_heads=2, tied=False, vocab=128)
@@ -287,3 +305,87 @@ def test_bad_tokens_shape():
     model = models.init_model(models.preset("tiny"))
     with pytest.raises(ValueError, match=r"tokens must be \[batch, time\]"):
         model(jnp.zeros((4,), jnp.int32))
+
+
+def test_safetensors_offsets_are_range_checked(tmp_path):
+    d = _saved(tmp_path)
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = np.frombuffer(raw[:8], "<u8")
+    header = json.loads(raw[8:8 + n])
+    name = "model.norm.weight"
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [-100, end - begin - 100]  # would read the JSON header as weights
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    f.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has invalid "
+                                         r"data_offsets \[-100"):
+        models.from_pretrained(d)
+
+
+def test_index_cannot_leave_the_directory_or_name_a_fifo(tmp_path):
+    import os
+
+    hf = make_hf_model("qwen3", tied=False)
+    model, cfg = _load(tmp_path, hf)
+    out = models.save_pretrained(model, cfg, tmp_path / "sharded", max_shard_bytes=40_000)
+    index_file = out / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = next(iter(index["weight_map"].values()))
+    (tmp_path / "outside.safetensors").write_bytes((out / shard).read_bytes())
+    for bad in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+        wm = {k: (bad if v == shard else v) for k, v in index["weight_map"].items()}
+        index_file.write_text(json.dumps({**index, "weight_map": wm}))
+        with pytest.raises(ValueError, match=r"index\.json: shard .*outside\.safetensors.* outside "
+                                             r"the checkpoint directory"):
+            models.from_pretrained(out)
+    os.mkfifo(out / "pipe.safetensors")
+    wm = {k: ("pipe.safetensors" if v == shard else v) for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps({**index, "weight_map": wm}))
+    with pytest.raises(ValueError, match=r"pipe\.safetensors: not a regular file"):
+        models.from_pretrained(out)
+
+
+def test_absurd_layer_count_fails_fast(tmp_path):
+    import time
+
+    d = _saved(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 10**9
+    (d / "config.json").write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"config\.json: num_hidden_layers=1000000000, but the "
+                                         r"checkpoint .* holds tensors for 2 layers"):
+        models.from_pretrained(d)
+    assert time.monotonic() - t0 < 5
+    cfg["num_hidden_layers"] = "2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: num_hidden_layers must be a positive integer"):
+        models.from_pretrained(d)
+
+
+def test_sharded_load_reads_each_device_part(tmp_path, monkeypatch):
+    """On a mesh, a parameter is read one device shard at a time (safetensors get_slice), and
+    the result equals the unsharded load."""
+    from models import safetensors_io
+
+    assert jax.device_count() == 8
+    hf = make_hf_model("qwen3", heads=4, kv_heads=2, tied=False, vocab=128)
+    hf.save_pretrained(tmp_path / "hf")
+    ref, _ = models.from_pretrained(tmp_path / "hf")
+    reads = []
+    orig = safetensors_io.SafetensorsFile.read
+
+    def spy(self, name, index=()):
+        out = orig(self, name, index)
+        reads.append((name, out.shape, self.shape(name)))
+        return out
+
+    monkeypatch.setattr(safetensors_io.SafetensorsFile, "read", spy)
+    model, _ = models.from_pretrained(tmp_path / "hf", mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    for (path, a), (_, b) in zip(param_items(ref), param_items(model)):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+    partial = {n for n, got, full in reads if got != full}
+    for kind in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "embed_tokens", "lm_head"):
+        assert any(kind in n for n in partial), kind

@@ -351,3 +351,296 @@ def test_smollm2_greedy_chat_equals_generate():
     assert r.usage.prompt_tokens == len(prompt)
     assert r.usage.completion_tokens == len(ref.tokens)
     assert len(r.choices[0].message.content) > 20
+
+
+# --- limits and hardening -----------------------------------------------------------
+
+def started(tiny, tok, **kw):
+    kw = dict(model_name="tiny", chat_template=TEMPLATE, api_key=API_KEY, max_batch=4,
+              max_wait_ms=10, chunk_size=CHUNK) | kw
+    return Server(tiny, tok, **kw).start()
+
+
+def raw_request(port, method, path, body=b"", headers=None, timeout=30):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    h = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"} | (headers or {})
+    conn.request(method, path, body, h)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp, data
+
+
+def completion_body(prompt="hello", **kw):
+    return json.dumps(dict(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0) | kw).encode()
+
+
+def slowed(server, seconds):
+    """Every decode chunk of the server takes `seconds` longer (the streaming hook sleeps
+    after handing out the chunk's tokens)."""
+    orig = server._on_chunk
+
+    def slow(*a):
+        orig(*a)
+        time.sleep(seconds)
+
+    server._on_chunk = slow
+
+
+def test_no_key_with_a_large_body_gets_401_before_the_body_is_read(server):
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    # Announce 64 MiB and send none of it: the answer must come from the headers alone.
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 67108864\r\n\r\n")
+    t0 = time.monotonic()
+    reply = s.recv(4096)
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 401") and time.monotonic() - t0 < 5
+    assert b"invalid_api_key" in reply and b"WWW-Authenticate" in reply.replace(b"www-authenticate",
+                                                                                b"WWW-Authenticate")
+    # With the key, a body over max_body_bytes is refused from its Content-Length.
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 67108864\r\n\r\n")
+    reply = s.recv(4096)
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 413") and b"max_body_bytes" in reply
+
+
+def test_full_queue_gets_429_with_retry_after(tiny, tok):
+    srv = started(tiny, tok, max_queue=1)
+    try:
+        gate = threading.Event()
+        blocker = threading.Thread(target=srv.run_on_worker, args=(lambda: gate.wait(30),))
+        blocker.start()  # the worker is busy: the first request waits in the queue
+        first = {}
+        t = threading.Thread(target=lambda: first.update(
+            r=raw_request(srv.port, "POST", "/v1/completions", completion_body())))
+        t.start()
+        deadline = time.monotonic() + 10
+        while srv._active < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        resp, data = raw_request(srv.port, "POST", "/v1/completions", completion_body())
+        err = json.loads(data)["error"]
+        assert resp.status == 429 and resp.getheader("Retry-After") == "1"
+        assert "max_queue" in err["message"] and err["type"] == "rate_limit_error"
+        gate.set()
+        t.join(60)
+        blocker.join(60)
+        assert first["r"][0].status == 200
+        # the slot is free again
+        assert raw_request(srv.port, "POST", "/v1/completions", completion_body())[0].status == 200
+    finally:
+        srv.stop()
+
+
+def test_oversized_requests_get_400_naming_the_limit(tiny, tok):
+    srv = started(tiny, tok, max_tokens_limit=8)
+    try:
+        c = openai.OpenAI(base_url=srv.url, api_key=API_KEY, max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match=r"4 prompt\(s\) x n=2 = 8 .*at most 4 .*max_batch"):
+            c.completions.create(model="tiny", prompt=["a", "b", "c", "d"], n=2, max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match=r"1 prompt\(s\) x n=128 = 128"):
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                      n=128, max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match=r"'max_tokens' is 9; .*at most 8 .*max_tokens_limit"):
+            c.completions.create(model="tiny", prompt="a", max_tokens=9)
+        r = c.completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=8, temperature=0)
+        assert len(r.choices) == 4
+        assert r.usage.completion_tokens <= 4 * 8
+        # without max_tokens the default stays within the limit
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                      temperature=0)
+        assert r.usage.completion_tokens <= 8
+    finally:
+        srv.stop()
+
+
+def test_huge_prompt_refused_before_tokenizing_without_stalling_others(server, client, tiny, tok):
+    huge = completion_body(prompt="x" * (8 << 20))
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=raw_request(server.port, "POST",
+                                                                 "/v1/completions", huge)))
+    t0 = time.monotonic()
+    t.start()
+    assert_alive(client, tiny, tok)  # served while the huge body is handled
+    t.join(60)
+    resp, data = out["r"]
+    assert resp.status == 400 and time.monotonic() - t0 < 10
+    err = json.loads(data)["error"]
+    assert err["code"] == "context_length_exceeded" and "8388608 characters" in err["message"]
+
+
+def test_lone_surrogate_and_deep_nesting_get_400(server, client, tiny, tok):
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    resp, data = raw_request(server.port, "POST", "/v1/chat/completions", body)
+    err = json.loads(data)["error"]
+    assert resp.status == 400 and "lone surrogate" in err["message"]
+    assert "messages[0].content" in err["message"] and err["param"] == "messages"
+    body = b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp, data = raw_request(server.port, "POST", "/v1/completions", body)
+    assert resp.status == 400 and "nested too deeply" in json.loads(data)["error"]["message"]
+    body = b'{"model": "tiny", "prompt": "a", "stop": "\\udfff"}'
+    resp, data = raw_request(server.port, "POST", "/v1/completions", body)
+    assert resp.status == 400 and "'stop'" in json.loads(data)["error"]["message"]
+    assert_alive(client, tiny, tok)
+
+
+def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(tiny, tok):
+    srv = started(tiny, tok, max_queue=1, eos_ids=[])
+    slowed(srv, 0.5)  # first token, then chunks of 8 and 7: about 1.5 s for 16 tokens
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        body = completion_body(stream=True)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = b""
+        while b"data: " not in got:
+            got += s.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()  # reset after the first chunk
+        t0 = time.monotonic()
+        while srv._active and time.monotonic() - t0 < 2:  # the slot frees when the reset is seen
+            time.sleep(0.01)
+        assert srv._active == 0
+        resp, data = raw_request(srv.port, "POST", "/v1/completions", completion_body(max_tokens=4))
+        assert resp.status == 200, data  # max_queue=1: served, not 429
+        stats = srv.stats
+        assert stats["stopped_calls"] == 1  # the abandoned call ended at its next chunk
+        assert stats["generate_calls"] == 1 and stats["requests"] == 1  # only the second finished
+    finally:
+        srv.stop()
+
+
+def test_disconnect_while_waiting_for_a_whole_response_stops_generation(tiny, tok):
+    srv = started(tiny, tok, max_queue=1, eos_ids=[])
+    chunks = []
+    orig = srv._on_chunk
+
+    def noted(*a):
+        chunks.append(time.monotonic())
+        orig(*a)
+        time.sleep(0.5)
+
+    srv._on_chunk = noted
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        body = completion_body()  # not streamed: nothing is written until the end
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        t0 = time.monotonic()
+        while not chunks and time.monotonic() - t0 < 60:  # generating
+            time.sleep(0.01)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+        t0 = time.monotonic()
+        while srv._active and time.monotonic() - t0 < 2:
+            time.sleep(0.01)
+        assert srv._active == 0
+        assert raw_request(srv.port, "POST", "/v1/completions",
+                           completion_body(max_tokens=4))[0].status == 200
+        assert srv.stats["stopped_calls"] == 1 and srv.stats["requests"] == 1
+    finally:
+        srv.stop()
+
+
+def test_sse_keepalive_while_waiting(tiny, tok):
+    srv = started(tiny, tok, keepalive_s=0.1)
+    try:
+        gate = threading.Event()
+        blocker = threading.Thread(target=srv.run_on_worker, args=(lambda: gate.wait(0.6),))
+        blocker.start()
+        body = json.dumps(dict(model="tiny", messages=[{"role": "user", "content": "wait"}],
+                               max_tokens=NEW, temperature=0, stream=True)).encode()
+        resp, data = raw_request(srv.port, "POST", "/v1/chat/completions", body)
+        blocker.join(30)
+        events = [e for e in data.decode().split("\n\n") if e]
+        assert resp.status == 200 and events[-1] == "data: [DONE]"
+        assert events.count(": keep-alive") >= 2
+        # keep-alives are SSE comments: the openai client ignores them
+        c = openai.OpenAI(base_url=srv.url, api_key=API_KEY, max_retries=0, timeout=60)
+        full = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "wait"}],
+                                         max_tokens=NEW, temperature=0).choices[0].message.content
+        chunks = [json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")]
+        assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks) == full
+    finally:
+        srv.stop()
+
+
+def test_request_log_escapes_control_characters_and_hides_the_key(tiny, tok):
+    lines = []
+    srv = started(tiny, tok, log_requests=True, log=lines.append)
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.sendall(b"GET /v1/models%0d%0a127.0.0.1%20-%20GET%20/admin%20200%1b[31m HTTP/1.1\r\n"
+                  b"Host: x\r\nAuthorization: Bearer " + API_KEY.encode() + b"\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 404")
+        s.close()
+        raw_request(srv.port, "GET", "/v1/models")
+    finally:
+        srv.stop()
+    assert len(lines) == 2
+    forged, ok = lines
+    assert "\n" not in forged and "\r" not in forged and "\x1b" not in forged
+    assert "/v1/models\\r\\n127.0.0.1 - GET /admin 200\\x1b[31m 404 " in forged
+    assert " GET /v1/models 200 " in ok
+    assert all(API_KEY not in line for line in lines)
+
+
+CTRL_C_SCRIPT = r"""
+import http.client, json, sys, threading, time
+import models
+from medssr_jax.server import Server
+from medssr_jax.tokenizers import byte_tokenizer
+
+model = models.init_model(models.preset("tiny", tie_word_embeddings=False, max_position_embeddings=64))
+srv = Server(model, byte_tokenizer(), model_name="tiny", chat_template="qwen3", eos_ids=[],
+             chunk_size=4)
+orig = srv._on_chunk
+def slow(*a):
+    orig(*a)
+    time.sleep(0.3)
+srv._on_chunk = slow
+srv.start()
+
+def client():
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(dict(model="tiny", prompt="hi",
+                 max_tokens=48, temperature=0, stream=True)), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")
+    print("GENERATING", flush=True)
+    assert resp.read().endswith(b"data: [DONE]\n\n")
+
+threading.Thread(target=client, daemon=True).start()
+srv.serve_forever()
+print("STOPPED", srv.stats["stopped_calls"], flush=True)
+"""
+
+
+def test_ctrl_c_while_generating_stops_cleanly():
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "GENERATING"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert out.split() == ["STOPPED", "1"], (out, err[-3000:])
+    for bad in ("Traceback", "terminate called", "Fatal Python error", "Aborted"):
+        assert bad not in err, err[-3000:]
