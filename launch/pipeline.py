@@ -11,6 +11,7 @@ orbax checkpoints, synthesis from its append-only output).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -97,15 +98,23 @@ def read_real_data(path: str | os.PathLike):
         return data.read_medssr_eval(p)
     if not os.path.exists(p):
         raise FileNotFoundError(f"{p}: no such file (--real_data)")
+    if p.endswith(".jsonl"):
+        # the format is that of the first line that parses: a broken first line is the
+        # reader's to report (file and line), not a reason to misjudge the file
+        with open(p, encoding="utf-8", errors="replace") as f:
+            for line in itertools.islice(f, 1000):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "answer_idx" in rec:
+                    return data.read_medqa(p)
+                if isinstance(rec, dict) and "cop" in rec:
+                    return data.read_medmcqa(p)
+                break
+        raise ValueError(f"{p}: JSONL of neither MedQA (answer_idx) nor MedMCQA (cop) records")
     with open(p, encoding="utf-8", errors="replace") as f:
         head = f.read(4096).lstrip()
-    if p.endswith(".jsonl"):
-        first = head.splitlines()[0] if head else ""
-        if '"answer_idx"' in first:
-            return data.read_medqa(p)
-        if '"cop"' in first:
-            return data.read_medmcqa(p)
-        raise ValueError(f"{p}: JSONL of neither MedQA (answer_idx) nor MedMCQA (cop) records")
     if head.startswith("["):
         return data.read_medssr_eval(p)
     if head.startswith("{"):

@@ -76,6 +76,11 @@ def test_real_data_formats_are_detected(tmp_path):
     assert [r.answer for r in read_real_data(tmp_path / "q.jsonl").load()] == ["B"]
     assert [r.answer for r in read_real_data(tmp_path / "m.jsonl").load()] == ["C"]
     assert [r.answer for r in read_real_data(tmp_path / "e.json").load()] == ["A"]
+    # a broken first line: the format is read from the next lines, the reader reports the broken one
+    good = json.dumps({"question": "Which?", "options": {"A": "x", "B": "y"}, "answer_idx": "A"})
+    (tmp_path / "broken.jsonl").write_text('{"question": "Whi\n' + good + "\n")
+    data = read_real_data(tmp_path / "broken.jsonl")
+    assert [r.answer for r in data.load()] == ["A"] and data.stats.skipped == {"bad_json": 1}
     (tmp_path / "x.jsonl").write_text('{"foo": 1}\n')
     with pytest.raises(ValueError, match=r"x\.jsonl: JSONL of neither MedQA"):
         read_real_data(tmp_path / "x.jsonl")
@@ -133,16 +138,25 @@ def test_eval_fails_loudly_on_unusable_benchmark_files(tmp_path):
     (tmp_path / "none.json").write_text("[]")
     with pytest.raises(ValueError, match=r"none.json: no readable records"):
         Pipeline(cfg, tmp_path / "r2", Inputs(benchmarks=str(tmp_path / "none.json"))).run_stage("eval")
+    (tmp_path / "cut.json").write_text('[{"id": "a", "question": "Q?\\nA. x\\nB. y", "gold": "A"}, {"id": "b", "qu')
+    with pytest.raises(ValueError, match=r"cut.json: not valid JSON \(line 1 column"):
+        Pipeline(cfg, tmp_path / "r5", Inputs(benchmarks=str(tmp_path / "cut.json"))).run_stage("eval")
     lossy = tmp_path / "lossy.json"
     lossy.write_text(json.dumps([{"id": "a", "question": "Q?\nA. x\nB. y", "gold": "A"},
-                                 {"id": "b", "question": "Q?", "gold": ""}]))
+                                 {"id": "b", "question": "Q?", "gold": ""},
+                                 {"id": "a", "question": "Q2?\nA. x\nB. y", "gold": "B"}]))
     with pytest.raises(ValueError, match=r"lossy.json: 1 records could not be read .*--eval_allow_partial"):
         Pipeline(cfg, tmp_path / "r3", Inputs(benchmarks=str(lossy))).run_stage("eval")
     assert json.loads((tmp_path / "r3" / "eval" / "manifest.json").read_text())["status"] != "done"
     res = Pipeline(cfg.replace(eval_allow_partial=True), tmp_path / "r4", Inputs(benchmarks=str(lossy))).run_stage("eval")
     assert res["summary"]["partial"] == {"base": {"lossy": {"missing_field": 1}}}
     table = (tmp_path / "r4" / "eval" / "base" / "results.md").read_text()
-    assert "| lossy | 1 |" in table and table.rstrip().endswith("| 1 |")
+    assert "| lossy | 2 |" in table and table.rstrip().endswith("| 1 |")
+    lossy_res = json.loads((tmp_path / "r4" / "eval" / "base" / "results.json").read_text())["benchmarks"]["lossy"]
+    assert lossy_res["duplicate_ids"] == ["a"] and lossy_res["skipped"] == {"missing_field": 1}
+    from launch.report import write_report
+    report = write_report(tmp_path / "r4").read_text()
+    assert "Records lost to read errors (partial results): {'base/lossy': {'missing_field': 1}}" in report
 
 
 def test_policy_loading_follows_the_preset(tmp_path):
