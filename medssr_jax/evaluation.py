@@ -232,32 +232,27 @@ def _bucket(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def restricted_argmax(model, contexts: Sequence[Sequence[int]], letter_ids: Sequence[Sequence[int]],
-                      *, batch_size: int = 8, length_bucket: int = 64, pad_id: int = 0
-                      ) -> tuple[list[int], np.ndarray | list]:
-    """For each context, the index (into its ``letter_ids``) of the largest
-    next-token logit among ``letter_ids`` (first on ties), and those logits.
+def each_last_logits(model, contexts: Sequence[Sequence[int]], use: Callable[[int, np.ndarray], None], *,
+                     batch_size: int = 8, length_bucket: int = 64, pad_id: int = 0) -> None:
+    """Call ``use(i, logits)`` with the fp32 next-token logits ``[V]`` after each context.
 
-    Contexts are left-padded into batches of ``batch_size`` rows, lengths
-    rounded up to a multiple of ``length_bucket`` (or of an eighth of the next
-    power of two, when that is larger; shapes repeat, so the jitted forward is
-    compiled a few times only); only the last position's logits are computed
-    beyond the hidden states.
-    """
+    Contexts are sorted by length and left-padded into batches of ``batch_size``
+    rows, lengths rounded up to a multiple of ``length_bucket`` (or of an eighth
+    of the next power of two, when that is larger; shapes repeat, so the jitted
+    forward is compiled a few times only); only the last position's logits are
+    computed beyond the hidden states, and one batch's logits are on the host at
+    a time."""
     import jax.numpy as jnp
     from flax import nnx
 
     if not contexts:
-        return [], []
+        return
     fn = _last_logits_fn()
     graphdef, state = nnx.split(model)
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
-    choice: list[int] = [0] * len(contexts)
-    scores: list = [None] * len(contexts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         longest = max(len(contexts[i]) for i in idx)
-        # Buckets: multiples of length_bucket, coarser (1/8 of the power of two above) when long.
         t = _bucket(longest, max(length_bucket, (1 << (longest - 1).bit_length()) // 8))
         tokens = np.full((batch_size, t), pad_id, np.int32)
         mask = np.zeros((batch_size, t), bool)
@@ -266,11 +261,24 @@ def restricted_argmax(model, contexts: Sequence[Sequence[int]], letter_ids: Sequ
             tokens[row, t - len(c):] = c
             mask[row, t - len(c):] = True
         mask[len(idx):, -1] = True  # filler rows: one token
-        logits = np.asarray(fn(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask)))
+        logits = np.asarray(fn(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask)), np.float32)
         for row, i in enumerate(idx):
-            s = logits[row, list(letter_ids[i])]
-            choice[i] = int(np.argmax(s))
-            scores[i] = s
+            use(i, logits[row])
+
+
+def restricted_argmax(model, contexts: Sequence[Sequence[int]], letter_ids: Sequence[Sequence[int]],
+                      *, batch_size: int = 8, length_bucket: int = 64, pad_id: int = 0
+                      ) -> tuple[list[int], np.ndarray | list]:
+    """For each context, the index (into its ``letter_ids``) of the largest
+    next-token logit among ``letter_ids`` (first on ties), and those logits
+    (batching: :func:`each_last_logits`)."""
+    choice: list[int] = [0] * len(contexts)
+    scores: list = [None] * len(contexts)
+
+    def use(i, logits):
+        scores[i] = logits[list(letter_ids[i])]
+        choice[i] = int(np.argmax(scores[i]))
+    each_last_logits(model, contexts, use, batch_size=batch_size, length_bucket=length_bucket, pad_id=pad_id)
     return choice, scores
 
 
@@ -346,31 +354,11 @@ def evaluate(model, tokenizer, records_by_benchmark: Mapping[str, Sequence], *, 
         for k, r in enumerate(records):
             ids = encode_prompt(tokenizer, build_prompt(r, template, instruction))
             entries.append((name, k, ids))
-    order = sorted(range(len(entries)), key=lambda i: len(entries[i][2]))
-
-    completions: list = [None] * len(entries)
-    clipped = 0
-    stats = dict(generated_tokens=0, generate_seconds=0.0)
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start:start + batch_size]
-        prompts = [entries[i][2] for i in idx]
-        budget = min(max_new_tokens, context - max(map(len, prompts)))
-        if budget < 1:
-            raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room to generate "
-                             f"in the model's context of {context}")
-        clipped += budget < max_new_tokens
-        tg = time.perf_counter()
-        out = gen(model, prompts, n=num_generations, max_new_tokens=budget, temperature=temperature,
-                  top_p=top_p, top_k=top_k, seed=(seed * 1_000_003 + b) % (1 << 31), eos_ids=eos,
-                  progress=progress)
-        stats["generate_seconds"] += time.perf_counter() - tg
-        if len(out) != len(prompts):
-            raise RuntimeError(f"generate returned {len(out)} groups for {len(prompts)} prompts")
-        for i, group in zip(idx, out):
-            if len(group) != num_generations:
-                raise RuntimeError(f"generate returned {len(group)} completions, expected {num_generations}")
-            completions[i] = group
-            stats["generated_tokens"] += sum(len(c.tokens) for c in group)
+    completions, stats = _generate_sorted(
+        model, [e[2] for e in entries], gen, n=num_generations, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos=eos, batch_size=batch_size,
+        progress=progress)
+    clipped = stats.pop("clipped_batches")
 
     # Read answers.
     eos_set = set(eos)

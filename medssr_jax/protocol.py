@@ -268,33 +268,6 @@ class Prompter:
 
 # --- biased greedy decoding ------------------------------------------------------
 
-def _last_logits(model, contexts: Sequence[Sequence[int]], *, batch_size: int, pad_id: int) -> np.ndarray:
-    """fp32 next-token logits [N, V] after each context (left-padded, bucketed batches)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from medssr_jax.evaluation import _bucket, _last_logits_fn
-    fn = _last_logits_fn()
-    graphdef, state = nnx.split(model)
-    out = [None] * len(contexts)
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        longest = max(len(contexts[i]) for i in idx)
-        t = _bucket(longest, max(64, (1 << (longest - 1).bit_length()) // 8))
-        tokens = np.full((batch_size, t), pad_id, np.int32)
-        mask = np.zeros((batch_size, t), bool)
-        for row, i in enumerate(idx):
-            c = contexts[i]
-            tokens[row, t - len(c):] = c
-            mask[row, t - len(c):] = True
-        mask[len(idx):, -1] = True  # filler rows: one token
-        logits = np.asarray(fn(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask)), np.float32)
-        for row, i in enumerate(idx):
-            out[i] = logits[row]
-    return np.stack(out)
-
-
 def biased_greedy(model, contexts: Sequence[Sequence[int]], biased: Sequence[Sequence[int]], *,
                   max_tokens: int, stop_ids: Sequence[int], bias: float = LOGIT_BIAS,
                   batch_size: int = 8, pad_id: int = 0) -> list[list[int]]:
@@ -302,24 +275,31 @@ def biased_greedy(model, contexts: Sequence[Sequence[int]], biased: Sequence[Seq
     ``bias`` added to the logits of that context's ``biased`` ids and the
     ``stop_ids`` barred from the first token (vLLM's ``min_tokens=1``); a stop
     token ends a continuation and is not returned."""
+    from medssr_jax.evaluation import each_last_logits
+
     if not contexts:
         return []
     stops = np.asarray(sorted(set(stop_ids)), np.int64)
     outs: list[list[int]] = [[] for _ in contexts]
     live = list(range(len(contexts)))
+    stop_set = set(stops.tolist())
     for step in range(max_tokens):
-        logits = _last_logits(model, [list(contexts[i]) + outs[i] for i in live],
-                              batch_size=batch_size, pad_id=pad_id)
-        still = []
-        for row, i in enumerate(live):
-            z = logits[row].astype(np.float32)  # a copy
+        picked: dict[int, int] = {}
+
+        def use(row, logits, step=step):
+            i = live[row]
+            z = logits.copy()
             z[np.asarray(biased[i], np.int64)] += np.float32(bias)
             if step == 0 and stops.size:
                 z[stops] = -np.inf
-            tok = int(np.argmax(z))
-            if stops.size and tok in set(stops.tolist()):
+            picked[i] = int(np.argmax(z))
+        each_last_logits(model, [list(contexts[i]) + outs[i] for i in live], use, batch_size=batch_size,
+                         pad_id=pad_id)
+        still = []
+        for i in live:
+            if picked[i] in stop_set:
                 continue
-            outs[i].append(tok)
+            outs[i].append(picked[i])
             still.append(i)
         live = still
         if not live:
