@@ -47,7 +47,6 @@ def test_medcpt_retriever_and_a_user_corpus(medcpt_dir, tmp_path, monkeypatch):
         seen.update(kw, n=len(docs), hidden=encoder.config.hidden_size)
         return real(encoder, tokenizer, docs, **kw)
     monkeypatch.setattr(rt, "embed_corpus", recording)
-    monkeypatch.setenv("MEDSSR_JAX_CACHE", str(tmp_path / "cache"))
     cfg = pipeline_preset("tiny", retriever="medcpt", retriever_path=str(medcpt_dir), corpus=str(corpus),
                           corpus_max_docs=20, alpha=1.0, num_questions=4)
     pipe = Pipeline(cfg, tmp_path / "run", Inputs())
@@ -67,6 +66,9 @@ def test_medcpt_retriever_and_a_user_corpus(medcpt_dir, tmp_path, monkeypatch):
         assert set(prov["retrieved_doc_ids"]) <= {d["id"] for d in docs}
     manifest = json.loads((tmp_path / "run" / "synthesize" / "manifest.json").read_text())
     assert manifest["config"]["retriever"] == "medcpt" and manifest["inputs"]["corpus"]
+    # the embeddings went to a cache of their own (encoder, length, corpus, encoder path); drop it
+    assert seen["out_dir"].name.startswith("medcpt-512-hpo20-pubmed3-")
+    shutil.rmtree(seen["out_dir"])
 
 
 def test_minilm_documents_are_embedded_at_its_real_length(tmp_path):
