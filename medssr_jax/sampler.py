@@ -324,6 +324,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
         cache = _empty_sample_kv(cfg, p_pad, n, length, kv_sharding)
         positions = put(positions)
         lengths = put(np.zeros(batch, np.int32))
+        if not sharded:  # commit the loop state to the weights' device, as the chunks' outputs are:
+            # otherwise the first chunk and the later ones would be two executables
+            device = weights.embed.sharding
+            cache, last, positions, lengths, done = jax.device_put(
+                (cache, last, positions, lengths, done), device)
         while step < max_new_tokens - 1 and not all_done:
             steps_left = min(chunk, max_new_tokens - 1 - step)
             args = (weights, prefix, cache, last, positions, lengths, done, key, jnp.int32(step),

@@ -70,10 +70,8 @@ def decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_k, own_v
     own_ok = jnp.arange(length)[None, None, :] < own_len[:, :, None]  # [P, n, L]
     own = jnp.where(own_ok[:, :, None, None, :], own, MASK_VALUE)
     probs = jax.nn.softmax(jnp.concatenate([shared, own], axis=-1), axis=-1)
-    out = (jnp.einsum("PNKGS,PKSH->PNKGH", probs[..., :s].astype(prompt_v.dtype), prompt_v,
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("PNKGL,PNKLH->PNKGH", probs[..., s:].astype(own_v.dtype), own_v,
-                        preferred_element_type=jnp.float32))
+    out = (jnp.einsum("PNKGS,PKSH->PNKGH", probs[..., :s].astype(prompt_v.dtype), prompt_v)
+           + jnp.einsum("PNKGL,PNKLH->PNKGH", probs[..., s:].astype(own_v.dtype), own_v))
     return out.reshape(p, n, heads, h).astype(q.dtype)
 
 
@@ -98,13 +96,16 @@ def pallas_supported(q_shape, prompt_shape, own_shape) -> bool:
 
 
 def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
-            n, group, rows, block_s, block_l, prompt_len, scale):
+            n, group, rows, block_s, block_l, prompt_len, scale, dot_dtype):
     # q_ref [R, H] (R = n*G padded to >= 16), pk/pv [S, H], ok/ov [n, L, H], len [n], start [1]
-    q = q_ref[...].astype(jnp.float32) * scale
+    q = (q_ref[...].astype(jnp.float32) * scale).astype(dot_dtype or q_ref.dtype)
     h = q.shape[-1]
     sample_of_row = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
     cols_s = jax.lax.broadcasted_iota(jnp.int32, (1, block_s), 1)
     cols_l = jax.lax.broadcasted_iota(jnp.int32, (1, block_l), 1)
+    # the value rows of masked slots are zeroed too: whatever an unused slot holds stays out
+    slots_s = jax.lax.broadcasted_iota(jnp.int32, (block_s, 1), 0)
+    slots_l = jax.lax.broadcasted_iota(jnp.int32, (block_l, 1), 0)
 
     def update(carry, scores, v):
         o, m, l = carry
@@ -112,6 +113,7 @@ def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
         corr = jnp.exp(m - m_next)
         e = jnp.exp(scores - m_next[:, None])
         l_next = corr * l + e.sum(axis=-1)
+        v = v.astype(dot_dtype or v.dtype)
         o_next = corr[:, None] * o + jax.lax.dot(e.astype(v.dtype), v,
                                                  preferred_element_type=jnp.float32)
         return o_next, m_next, l_next
@@ -120,9 +122,10 @@ def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
     start = start_ref[0]
 
     def prompt_body(b, carry):
-        k = pk_ref[pl.ds(b * block_s, block_s), :]
+        k = pk_ref[pl.ds(b * block_s, block_s), :].astype(q.dtype)
         v = pv_ref[pl.ds(b * block_s, block_s), :]
-        scores = jax.lax.dot(q.astype(k.dtype), k.T, preferred_element_type=jnp.float32)
+        v = jnp.where(b * block_s + slots_s >= start, v, jnp.zeros_like(v))
+        scores = jax.lax.dot(q, k.T, preferred_element_type=jnp.float32)
         scores = jnp.where(b * block_s + cols_s >= start, scores, MASK_VALUE)
         return update(carry, scores, v)
 
@@ -135,9 +138,10 @@ def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
         length = len_ref[j]
 
         def own_body(b, carry, j=j, length=length):
-            k = ok_ref[j, pl.ds(b * block_l, block_l), :]
+            k = ok_ref[j, pl.ds(b * block_l, block_l), :].astype(q.dtype)
             v = ov_ref[j, pl.ds(b * block_l, block_l), :]
-            scores = jax.lax.dot(q.astype(k.dtype), k.T, preferred_element_type=jnp.float32)
+            v = jnp.where(b * block_l + slots_l < length, v, jnp.zeros_like(v))
+            scores = jax.lax.dot(q, k.T, preferred_element_type=jnp.float32)
             ok = (sample_of_row == j) & (b * block_l + cols_l < length)
             return update(carry, jnp.where(ok, scores, MASK_VALUE), v)
 
@@ -158,7 +162,9 @@ def _pallas(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, *, inter
         qk = jnp.pad(qk, ((0, 0), (0, 0), (0, rows - n * group), (0, 0)))
     kernel = functools.partial(
         _kernel, n=n, group=group, rows=rows, block_s=_block(s, 64), block_l=_block(length, 64),
-        prompt_len=s, scale=h ** -0.5)
+        prompt_len=s, scale=h ** -0.5,
+        # interpret mode runs on the host, whose dots take no bf16 x bf16 -> f32: widen there
+        dot_dtype=jnp.float32 if interpret else None)
     kwargs = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
