@@ -69,9 +69,12 @@ def decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_k, own_v
     own = jnp.einsum("PNKGH,PNKLH->PNKGL", qg, own_k, preferred_element_type=jnp.float32) * scale
     own_ok = jnp.arange(length)[None, None, :] < own_len[:, :, None]  # [P, n, L]
     own = jnp.where(own_ok[:, :, None, None, :], own, MASK_VALUE)
-    probs = jax.nn.softmax(jnp.concatenate([shared, own], axis=-1), axis=-1)
-    out = (jnp.einsum("PNKGS,PKSH->PNKGH", probs[..., :s].astype(prompt_v.dtype), prompt_v)
-           + jnp.einsum("PNKGL,PNKLH->PNKGH", probs[..., s:].astype(own_v.dtype), own_v))
+    # one softmax over both key sets, merged by log-sum-exp: no concatenated score array
+    top = jax.lax.stop_gradient(jnp.maximum(shared.max(-1, keepdims=True), own.max(-1, keepdims=True)))
+    e_shared, e_own = jnp.exp(shared - top), jnp.exp(own - top)
+    total = e_shared.sum(-1, keepdims=True) + e_own.sum(-1, keepdims=True)
+    out = (jnp.einsum("PNKGS,PKSH->PNKGH", (e_shared / total).astype(prompt_v.dtype), prompt_v)
+           + jnp.einsum("PNKGL,PNKLH->PNKGH", (e_own / total).astype(own_v.dtype), own_v))
     return out.reshape(p, n, heads, h).astype(q.dtype)
 
 

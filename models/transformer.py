@@ -245,14 +245,14 @@ def decode_weights(model: Transformer) -> DecodeWeights:
         )
         fused = {name: constrain(x, _DECODE_AXES[name], mesh) for name, x in fused.items()}
         for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
-            if name in w:
-                fused[name] = w[name]
+            if name in w:  # rms_norm casts its weight to the activations' dtype: do it once here
+                fused[name] = w[name].astype(dtype)
         layers_out.append(fused)
     embed = constrain(model.embed_vd[...].astype(dtype), ("vocab", "embed"), mesh)
     unembed = None
     if not cfg.tie_word_embeddings:
         unembed = constrain(model.lm_head_dv[...].astype(dtype), ("embed", "vocab"), mesh)
-    return DecodeWeights(embed, tuple(layers_out), model.final_norm[...], unembed)
+    return DecodeWeights(embed, tuple(layers_out), model.final_norm[...].astype(dtype), unembed)
 
 
 def prefill(model: Transformer, tokens: jax.Array, attention_mask: jax.Array
