@@ -309,7 +309,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
     if on_tokens is not None:
         on_tokens(out_tokens[0][:num * n])
 
-    generated, step = batch, 0
+    generated, step, impl = batch, 0, "none"
     if max_new_tokens > 1 and not all_done:
         length = _length_bucket(max_new_tokens - 1)
         chunk = min(chunk_size, length)
@@ -379,5 +379,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
         result.append(group)
     useful = sum(c.length for g in result for c in g)
     result.stats = dict(seconds=elapsed, prefill_seconds=t_prefill, generated_tokens=useful,
-                        decode_steps=step + 1, batch=batch, tokens_per_s=useful / elapsed)
+                        decode_steps=step + 1, batch=batch, tokens_per_s=useful / elapsed,
+                        decode_attention=impl)
     return result
