@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "prepare" ]; then
   src="${ANCHORS_SRC:-../shared/bench}"
-  grep -qx '/.anchors/' .git/info/exclude 2>/dev/null || echo /.anchors/ >> "$(git rev-parse --git-dir)/info/exclude"
+  exclude="$(git rev-parse --git-path info/exclude)"
+  mkdir -p "$(dirname "$exclude")" && { grep -qx '/.anchors/' "$exclude" 2>/dev/null || echo /.anchors/ >> "$exclude"; }
   mkdir -p .anchors && cp "$src"/*.py .anchors/ || exit 1
   ls .anchors/google_tunix-*.whl >/dev/null 2>&1 || python3 -m pip download --no-deps --only-binary=:all: \
       --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .anchors google-tunix==0.1.7
