@@ -100,9 +100,11 @@ def pallas_supported(q_shape, prompt_shape, own_shape) -> bool:
 
 def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
             n, group, rows, block_s, block_l, prompt_len, scale, dot_dtype):
-    # q_ref [R, H] (R = n*G padded to >= 16), pk/pv [S, H], ok/ov [n, L, H], len [n], start [1]
-    q = (q_ref[...].astype(jnp.float32) * scale).astype(dot_dtype or q_ref.dtype)
-    h = q.shape[-1]
+    # q_ref [n, G, H] (or [R, H]: R = n*G padded to >= 16), pk/pv [S, H], ok/ov [n, L, H],
+    # len [n], start [1]; o_ref like q_ref
+    h = q_ref.shape[-1]
+    q = q_ref[...].reshape(rows, h) if q_ref.ndim == 3 else q_ref[...]
+    q = (q.astype(jnp.float32) * scale).astype(dot_dtype or q_ref.dtype)
     sample_of_row = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
     cols_s = jax.lax.broadcasted_iota(jnp.int32, (1, block_s), 1)
     cols_l = jax.lax.broadcasted_iota(jnp.int32, (1, block_l), 1)
@@ -150,7 +152,7 @@ def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
 
         carry = jax.lax.fori_loop(0, (length + block_l - 1) // block_l, own_body, carry)
     o, _, l = carry
-    o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
+    o_ref[...] = (o / l[:, None]).astype(o_ref.dtype).reshape(o_ref.shape)
 
 
 def _pallas(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, *, interpret: bool):
@@ -159,10 +161,14 @@ def _pallas(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, *, inter
     length = own_k.shape[3]
     group = heads // kv
     rows = max(n * group, _MIN_ROWS)
-    # [P, n, K, G, H] -> [P, K, n*G, H]: the group's query rows together (q is one token: cheap)
-    qk = q.reshape(p, n, kv, group, h).transpose(0, 2, 1, 3, 4).reshape(p, kv, n * group, h)
-    if rows > n * group:
+    direct = n * group >= _MIN_ROWS
+    if direct:  # the kernel reads its [n, G, H] block of q in place: no copy
+        qk = q.reshape(p, n, kv, group, h)
+        q_spec = pl.BlockSpec((None, n, None, group, h), lambda i, k: (i, 0, k, 0, 0))
+    else:  # too few rows for a dot: gather the group's rows and pad them to 16 (a small copy)
+        qk = q.reshape(p, n, kv, group, h).transpose(0, 2, 1, 3, 4).reshape(p, kv, n * group, h)
         qk = jnp.pad(qk, ((0, 0), (0, 0), (0, rows - n * group), (0, 0)))
+        q_spec = pl.BlockSpec((None, None, rows, h), lambda i, k: (i, k, 0, 0))
     kernel = functools.partial(
         _kernel, n=n, group=group, rows=rows, block_s=_block(s, 64), block_l=_block(length, 64),
         prompt_len=s, scale=h ** -0.5,
@@ -178,19 +184,20 @@ def _pallas(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, *, inter
         in_specs=[
             pl.BlockSpec((None, 1), lambda i, k: (i, 0)),
             pl.BlockSpec((None, n), lambda i, k: (i, 0)),
-            pl.BlockSpec((None, None, rows, h), lambda i, k: (i, k, 0, 0)),
+            q_spec,
             pl.BlockSpec((None, None, s, h), lambda i, k: (i, k, 0, 0)),
             pl.BlockSpec((None, None, s, h), lambda i, k: (i, k, 0, 0)),
             pl.BlockSpec((None, n, None, length, h), lambda i, k: (i, 0, k, 0, 0)),
             pl.BlockSpec((None, n, None, length, h), lambda i, k: (i, 0, k, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((None, None, rows, h), lambda i, k: (i, k, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((p, kv, rows, h), q.dtype),
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(qk.shape, q.dtype),
         interpret=interpret,
         **kwargs,
     )(prompt_start.astype(jnp.int32)[:, None], own_len.astype(jnp.int32), qk, prompt_k, prompt_v,
       own_k, own_v)
-    out = out[:, :, :n * group].reshape(p, kv, n, group, h).transpose(0, 2, 1, 3, 4)
+    if not direct:
+        out = out[:, :, :n * group].reshape(p, kv, n, group, h).transpose(0, 2, 1, 3, 4)
     return out.reshape(p, n, heads, h)
 
 

@@ -88,9 +88,13 @@ def test_slots_past_each_length_are_never_used():
     np.testing.assert_allclose(np.asarray(got), np.asarray(clean), rtol=0, atol=1e-5)
 
 
-def test_kernel_lowers_for_gpu():
+@pytest.mark.parametrize("shape", [
+    (16, 8, 16, 8, 128, 256, 512),  # Qwen3-0.6B, vote-16x8: q read in place (n*G = 16 rows)
+    (4, 2, 8, 4, 64, 32, 48),       # n*G = 4 rows: gathered and padded to 16
+])
+def test_kernel_lowers_for_gpu(shape):
     """The Triton lowering runs on a CPU-only host (jax.export for the cuda platform)."""
-    p, n, heads, kv, h, s, length = 16, 8, 16, 8, 128, 256, 512  # Qwen3-0.6B, vote-16x8
+    p, n, heads, kv, h, s, length = shape
     shapes = [((p, n, heads, h), jnp.bfloat16), ((p, kv, s, h), jnp.bfloat16),
               ((p, kv, s, h), jnp.bfloat16), ((p,), jnp.int32), ((p, n, kv, length, h), jnp.bfloat16),
               ((p, n, kv, length, h), jnp.bfloat16), ((p, n), jnp.int32)]
