@@ -7,6 +7,7 @@ x 8 samples, a 256-token prompt KV shared per prompt, each sample's own KV
 filled to 256 of 512 slots. The bytes that must be read are the prompt KV
 once per prompt plus each sample's own KV up to its length (plus q and the
 output); fraction_of_bandwidth = those bytes / time / measured copy bandwidth.
+max_abs_diff_vs_xla checks each implementation's output against the XLA path.
 Prints one JSON line per (model, impl); --smoke uses tiny shapes (CPU).
 """
 
@@ -65,6 +66,7 @@ def main(argv):
         start = jnp.zeros((p,), jnp.int32)
         lens = jnp.full((p, n), filled, jnp.int32)
         want = bytes_read(p, n, kv, heads, h, s, filled, jnp.dtype(dtype).itemsize)
+        reference = jax.jit(functools.partial(da.decode_attention, impl="xla"))(q, pk, pv, start, ok, ov, lens)
         for impl in (["xla", "interpret"] if smoke else FLAGS.impls):
             row = dict(kind="decode_attention_layer", model=name, impl=impl, device=str(jax.devices()[0]),
                        prompts=p, n=n, prompt_len=s, slots=slots, filled=filled, bytes=want,
@@ -79,7 +81,9 @@ def main(argv):
                     out = fn(q, pk, pv, start, ok, ov, lens)
                 out.block_until_ready()
                 dt = (time.perf_counter() - t) / repeats
-                row.update(seconds=dt, bytes_per_s=want / dt, fraction_of_bandwidth=want / dt / bw)
+                diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference.astype(jnp.float32))))
+                row.update(seconds=dt, bytes_per_s=want / dt, fraction_of_bandwidth=want / dt / bw,
+                           max_abs_diff_vs_xla=diff)
             except Exception as e:  # one implementation failing leaves the others measured
                 row.update(kind="error", error=f"{type(e).__name__}: {str(e)[:400]}")
             print(json.dumps(row), flush=True)

@@ -231,11 +231,13 @@ def summarize(parts: list[dict]) -> tuple[dict, str]:
     summary["sampler"] = sampler
     attn = [r for r in rows if r.get("kind") == "decode_attention_layer"]
     summary["decode_attention"] = [dict(model=r["model"], impl=r["impl"], us=r["seconds"] * 1e6,
-                                        fraction_of_bandwidth=r["fraction_of_bandwidth"]) for r in attn]
+                                        fraction_of_bandwidth=r["fraction_of_bandwidth"],
+                                        max_abs_diff_vs_xla=r.get("max_abs_diff_vs_xla")) for r in attn]
     if attn:
-        md += ["", "| one-layer decode attention | impl | us | fraction of bandwidth |", "|---|---|---|---|"]
-        md += [f"| {r['model']} | {r['impl']} | {r['seconds'] * 1e6:,.1f} | {r['fraction_of_bandwidth']:.2f} |"
-               for r in attn]
+        md += ["", "| one-layer decode attention | impl | us | fraction of bandwidth | max abs diff vs XLA |",
+               "|---|---|---|---|---|"]
+        md += [f"| {r['model']} | {r['impl']} | {r['seconds'] * 1e6:,.1f} | {r['fraction_of_bandwidth']:.2f} | "
+               f"{_fmt(r.get('max_abs_diff_vs_xla'), '.1e')} |" for r in attn]
     train = []
     for anchor, ours in (("0.6b", "qwen3_0p6b"), ("1.7b", "qwen3_1p7b"), ("tiny", "tiny")):
         hf, mine = find("hf_train_step", model=anchor), find("medssr_jax_train_step_best", model=ours)
