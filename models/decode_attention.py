@@ -177,7 +177,9 @@ def _pallas(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, *, inter
     kwargs = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
-        kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
+        params = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
+        if params is not None:  # the name moved between jax versions
+            kwargs["compiler_params"] = params(num_warps=4, num_stages=2)
     out = pl.pallas_call(
         kernel,
         grid=(p, kv),
