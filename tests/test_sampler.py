@@ -536,3 +536,9 @@ def test_rng_choice_in_generate(tiny):
         generate(tiny, [[3]], rng="mt19937", **kw)
     with pytest.raises(ValueError, match="decode_attention must be one of"):
         generate(tiny, [[3]], decode_attention="flash", **kw)
+
+
+def test_length_buckets():
+    from medssr_jax.sampler import _length_bucket
+    assert [_length_bucket(s) for s in (1, 15, 16, 17, 127, 128, 511, 512, 513, 1023, 3071, 3072)] == \
+        [16, 16, 16, 32, 128, 128, 512, 512, 1024, 1024, 3072, 3072]
