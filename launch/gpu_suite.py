@@ -12,7 +12,8 @@ PyTorch and JAX must not share it), in this order, most valuable first:
   attention       one layer of decode attention, Pallas and XLA, as a fraction of bandwidth
   train_anchor    the HF train step, 32,768 tokens, Qwen3-0.6B and -1.7B (.anchors)
   train           our train step, same shapes (launch.bench_train)
-  hf              HF transformers generate on vote-16x8 (slow: last, as the budget allows)
+  hf              HF transformers generate on vote-16x8, Qwen3-0.6B (--hf_models; about a
+                  minute each: last, as the budget allows)
 
 A part that fails or runs out of time is recorded with its status and the end
 of its output; the others still run. Each part's peak GPU memory (nvidia-smi,
@@ -45,7 +46,7 @@ flags.DEFINE_list("parts", [], "Parts to run (default: all, or the smoke set wit
 flags.DEFINE_float("budget_s", 450.0, "Wall-clock budget for the whole suite, in seconds.")
 flags.DEFINE_string("out", None, "Output folder (default $OUT, else ./gpu_suite_out).")
 flags.DEFINE_string("anchors", ".anchors", "Folder holding the anchor scripts and the Tunix wheel.")
-flags.DEFINE_list("hf_models", ["0.6b", "8b"], "Models for the HF generate anchor.")
+flags.DEFINE_list("hf_models", ["0.6b"], "Models for the HF generate anchor (1 minute each).")
 flags.DEFINE_bool("smoke", False, "Tiny shapes: checks that the suite and its parts run (e.g. on CPU).")
 
 SITE = "/tmp/medssr_suite_site"  # where the Tunix wheel is unpacked (no dependencies)
@@ -83,7 +84,8 @@ def default_parts(anchors: str, hf_models: list[str], smoke: bool) -> list[Part]
                            "--models=qwen3_0p6b,qwen3_8b", "--impls=pallas,xla"], 45),
         Part("train_anchor", [py, train_anchor, "0.6b,1.7b"], 90, needs=train_anchor),
         Part("train", [py, "-m", "launch.bench_train", "--models=qwen3_0p6b,qwen3_1p7b", "--rows=32",
-                       "--micro_batch=8", "--seq_len=1024"], 180),
+                       "--micro_batch=8", "--seq_len=1024", "--remat=dots", "--attention=cudnn",
+                       "--steps=2"], 180),
         Part("hf", [py, sampler_anchor, "--which", "hf", "--models", ",".join(hf_models)], 200,
              needs=sampler_anchor),
     ]
