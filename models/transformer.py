@@ -277,13 +277,22 @@ def empty_sample_kv(cfg: ModelConfig, num_prompts: int, n: int, length: int, dty
                     tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
-def _rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half rotary on x [B, ..., H] with half tables cos/sin [B, H/2] (HF's arithmetic)."""
+def _rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """[B, 2, H/2] tables (cos, cos) and (-sin, sin) for `_rope_pairs`, once per step for all layers."""
+    inv = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    freqs = positions.astype(jnp.float32)[:, None] * inv  # [B, H/2]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    return jnp.stack([cos, cos], axis=1), jnp.stack([-sin, sin], axis=1)
+
+
+def _rope_pairs(x: jax.Array, cos2: jax.Array, sin2: jax.Array) -> jax.Array:
+    """Rotate-half rotary on x [B, ..., H] without a concatenation: the halves as an axis of 2,
+    swapped by a reverse. Same arithmetic as HF: x1*c - x2*s and x2*c + x1*s."""
     half = x.shape[-1] // 2
-    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (half,)
-    c, s = cos.reshape(shape).astype(x.dtype), sin.reshape(shape).astype(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (2, half)
+    c, s = cos2.reshape(shape).astype(x.dtype), sin2.reshape(shape).astype(x.dtype)
+    pairs = x.reshape(*x.shape[:-1], 2, half)
+    return (pairs * c + jnp.flip(pairs, axis=-2) * s).reshape(x.shape)
 
 
 def _decode_layer(w: dict, x, cos, sin, prefix_k, prefix_v, start, cache_k, cache_v, slot, lengths,
@@ -299,7 +308,7 @@ def _decode_layer(w: dict, x, cos, sin, prefix_k, prefix_v, start, cache_k, cach
     if cfg.qk_norm:
         q = layers.rms_norm(q, w["q_norm"], eps)
         k = layers.rms_norm(k, w["k_norm"], eps)
-    q, k = _rope_half(q, cos, sin), _rope_half(k, cos, sin)
+    q, k = _rope_pairs(q, cos, sin), _rope_pairs(k, cos, sin)
     # [P*n, K, H] -> [P, n, K, 1, H]: a pure reshape; one slot written in place per layer
     k = k.reshape(p, n, k_heads, 1, hd).astype(cache_k.dtype)
     v = v.reshape(p, n, k_heads, 1, hd).astype(cache_v.dtype)
@@ -326,9 +335,7 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, pos
     """
     dtype = cfg.jnp_dtype
     x = constrain(jnp.take(weights.embed, tokens, axis=0).astype(dtype), ("batch", None), mesh)
-    inv = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    freqs = positions.astype(jnp.float32)[:, None] * inv  # [B, H/2]
-    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    cos, sin = _rope_tables(positions, cfg)
     new_k, new_v = [], []
     for i, w in enumerate(weights.layers):
         x, ck, cv = _decode_layer(w, x, cos, sin, prefix.k[i], prefix.v[i], prefix.start,
