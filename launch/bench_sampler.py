@@ -30,6 +30,10 @@ flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the best is re
 flags.DEFINE_string("profile_dir", None, "Trace one extra run into this directory and print the "
                     "device ops that took the most time.")
 flags.DEFINE_integer("profile_top", 25, "How many device ops to list with --profile_dir.")
+flags.DEFINE_string("decode_attention", "auto", "Decode attention: auto, xla, pallas or interpret.")
+flags.DEFINE_string("rng", "threefry2x32", "PRNG for the draws: threefry2x32, rbg or unsafe_rbg.")
+flags.DEFINE_bool("smoke", False, "The tiny preset on a small workload in float32 (checks that the "
+                  "benchmark runs, e.g. on CPU); the figures mean nothing.")
 
 
 def floors(cfg, batch: int, prompts: int, prompt_len: int, gen: int, bw: float) -> dict:
@@ -51,6 +55,9 @@ def main(argv):
     from medssr_jax.sampler import generate
 
     bw = benchmarking.measure_bandwidth() if jax.default_backend() != "cpu" else 1e11
+    if FLAGS.smoke:
+        FLAGS.models, FLAGS.prompts, FLAGS.n, FLAGS.prompt_len, FLAGS.gen = ["tiny"], 2, 4, 32, 24
+        FLAGS.chunk_size, FLAGS.dtype, FLAGS.repeats = 8, "float32", 1
     results = []
     for name in FLAGS.models:
         cfg = models.preset(name, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype,
@@ -59,7 +66,8 @@ def main(argv):
         rng = np.random.default_rng(0)
         prompts = rng.integers(2, cfg.vocab_size // 2, (FLAGS.prompts, FLAGS.prompt_len)).tolist()
         kw = dict(n=FLAGS.n, max_new_tokens=FLAGS.gen, temperature=FLAGS.temperature, eos_ids=[],
-                  chunk_size=FLAGS.chunk_size, progress=False)
+                  chunk_size=FLAGS.chunk_size, progress=False, decode_attention=FLAGS.decode_attention,
+                  rng=FLAGS.rng)
         t = time.perf_counter()
         generate(model, prompts, seed=1, **kw)  # compile + warm
         compile_s = time.perf_counter() - t
@@ -76,9 +84,13 @@ def main(argv):
             benchmarking.summarize_trace(trace_dir, FLAGS.profile_top)
         batch = FLAGS.prompts * FLAGS.n
         assert best["generated_tokens"] == batch * FLAGS.gen, best
+        stats = jax.devices()[0].memory_stats() or {}
         row = dict(kind="medssr_jax_sampler", model=name, device=str(jax.devices()[0]),
                    jax=jax.__version__, batch=batch, prompts=FLAGS.prompts, n=FLAGS.n,
                    prompt_len=FLAGS.prompt_len, gen=FLAGS.gen, chunk_size=FLAGS.chunk_size,
+                   decode_attention=FLAGS.decode_attention, rng=FLAGS.rng,
+                   decode_attention_used=best["decode_attention"],
+                   peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 1e9,
                    seconds=best["seconds"], prefill_seconds=best["prefill_seconds"],
                    tokens_per_s=best["tokens_per_s"], first_call_seconds=compile_s,
                    hbm_bytes_per_s=bw, **floors(cfg, batch, FLAGS.prompts, FLAGS.prompt_len, FLAGS.gen, bw))
@@ -86,6 +98,7 @@ def main(argv):
         print(json.dumps(row), flush=True)
         results.append(row)
         del model
+        jax.clear_caches()  # the next model's executables only
     benchmarking.write_results("sampler_bench.jsonl", results)
 
 

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from medssr_jax.sharding import constrain
 from models import layers
+from models.decode_attention import decode_attention
 from models.config import ModelConfig
 
 Weights = dict[str, jax.Array]
@@ -192,18 +193,66 @@ class PrefixKV(NamedTuple):
     """The prompts' KV, computed once and shared by the n samples of each prompt."""
     k: tuple[jax.Array, ...]  # per layer [P, K, Sp, H]
     v: tuple[jax.Array, ...]
-    mask: jax.Array           # [P, Sp] True where a real (non-padding) token
+    start: jax.Array          # [P] int32: prompts are left-padded, real tokens from here on
 
 
-class ChunkKV(NamedTuple):
-    """The samples' own KV for one chunk of C decode steps: [P, n, K, C, H] per layer.
+class SampleKV(NamedTuple):
+    """The samples' own KV: one preallocated buffer per layer, [P, n, K, L, H].
 
-    Generated KV lives in fixed-size chunks, each its own buffer: a decode step
-    reads the finished chunks and the current one, so it never reads the empty
-    tail of a full-length cache and never copies a slice of it.
+    Allocated once per `generate` call for the whole completion length L and
+    donated through the decode loop; step s writes slot s, and each row reads
+    only its first `lengths[row]` slots.
     """
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+
+
+class DecodeWeights(NamedTuple):
+    """The weights a decode step reads, in the compute dtype, with fused projections.
+
+    Built once per `generate` call (`decode_weights`), so fp32 master weights are
+    cast once, not at every step, and each layer-step runs one QKV matmul and one
+    gate|up matmul.
+    """
+    embed: jax.Array                 # [V, D]
+    layers: tuple[dict, ...]         # qkv [D, K, G+2, H], o [N, H, D], gate_up [D, 2, F], down [F, D], norms
+    final_norm: jax.Array            # [D]
+    unembed: jax.Array | None        # [D, V]; None when tied to the embedding
+
+
+_DECODE_AXES = {
+    "qkv": ("embed", "kv_heads", None, "head_dim"),
+    "o": ("q_heads", "head_dim", "embed"),
+    "gate_up": ("embed", None, "mlp"),
+    "down": ("mlp", "embed"),
+}
+
+
+def decode_weights(model: Transformer) -> DecodeWeights:
+    """Fuse and cast the model's weights for decoding (call inside jit; sharded like the model)."""
+    cfg, mesh = model.config, model.mesh
+    dtype = cfg.jnp_dtype
+    d, k, g, h = cfg.hidden_size, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    layers_out = []
+    for block in model.layers:
+        w = layer_weights(block, dtype)
+        fused = dict(
+            qkv=jnp.concatenate([w["q_dnh"].reshape(d, k, g, h), w["k_dkh"][:, :, None],
+                                 w["v_dkh"][:, :, None]], axis=2),
+            o=w["o_nhd"],
+            gate_up=jnp.stack([w["gate_df"], w["up_df"]], axis=1),
+            down=w["down_fd"],
+        )
+        fused = {name: constrain(x, _DECODE_AXES[name], mesh) for name, x in fused.items()}
+        for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
+            if name in w:  # rms_norm casts its weight to the activations' dtype: do it once here
+                fused[name] = w[name].astype(dtype)
+        layers_out.append(fused)
+    embed = constrain(model.embed_vd[...].astype(dtype), ("vocab", "embed"), mesh)
+    unembed = None
+    if not cfg.tie_word_embeddings:
+        unembed = constrain(model.lm_head_dv[...].astype(dtype), ("embed", "vocab"), mesh)
+    return DecodeWeights(embed, tuple(layers_out), model.final_norm[...].astype(dtype), unembed)
 
 
 def prefill(model: Transformer, tokens: jax.Array, attention_mask: jax.Array
@@ -217,41 +266,85 @@ def prefill(model: Transformer, tokens: jax.Array, attention_mask: jax.Array
         lambda i: lambda q, k, v: (layers.attention(q, k, v, mask),
                                    (k.astype(dtype).transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3))))
     logits = logits_from_hidden(model, hidden[:, -1])
-    return logits, PrefixKV(tuple(k for k, _ in kv), tuple(v for _, v in kv),
-                            attention_mask.astype(bool))
+    start = (tokens.shape[1] - attention_mask.astype(jnp.int32).sum(-1)).astype(jnp.int32)
+    return logits, PrefixKV(tuple(k for k, _ in kv), tuple(v for _, v in kv), start)
 
 
-def empty_chunk(cfg: ModelConfig, num_prompts: int, n: int, length: int, dtype=None) -> ChunkKV:
+def empty_sample_kv(cfg: ModelConfig, num_prompts: int, n: int, length: int, dtype=None) -> SampleKV:
     dtype = dtype or cfg.jnp_dtype
     shape = (num_prompts, n, cfg.num_kv_heads, length, cfg.head_dim)
-    return ChunkKV(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+    return SampleKV(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                    tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
-def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, prefix: PrefixKV,
-                finished: tuple[ChunkKV, ...], current: ChunkKV, slot: jax.Array
-                ) -> tuple[jax.Array, ChunkKV]:
-    """One token for every sample: tokens/positions [P*n]; writes its KV at `slot` of `current`.
+def _rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """[B, 2, H/2] tables (cos, cos) and (-sin, sin) for `_rope_pairs`, once per step for all layers."""
+    inv = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    freqs = positions.astype(jnp.float32)[:, None] * inv  # [B, H/2]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    return jnp.stack([cos, cos], axis=1), jnp.stack([-sin, sin], axis=1)
 
-    Returns fp32 logits [P*n, V] and the updated current chunk.
+
+def _rope_pairs(x: jax.Array, cos2: jax.Array, sin2: jax.Array) -> jax.Array:
+    """Rotate-half rotary on x [B, ..., H] without a concatenation: the halves as an axis of 2,
+    swapped by a reverse. Same arithmetic as HF: x1*c - x2*s and x2*c + x1*s."""
+    half = x.shape[-1] // 2
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (2, half)
+    c, s = cos2.reshape(shape).astype(x.dtype), sin2.reshape(shape).astype(x.dtype)
+    pairs = x.reshape(*x.shape[:-1], 2, half)
+    return (pairs * c + jnp.flip(pairs, axis=-2) * s).reshape(x.shape)
+
+
+def _decode_layer(w: dict, x, cos, sin, prefix_k, prefix_v, start, cache_k, cache_v, slot, lengths,
+                  cfg: ModelConfig, attention_impl: str, mesh):
+    """One layer for one new token per sample: x [B=P*n, D]; writes this token's KV at `slot`."""
+    p, n = cache_k.shape[:2]
+    b = x.shape[0]
+    k_heads, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    h = layers.rms_norm(x, w["attn_norm"], eps)
+    qkv = jnp.einsum("BD,DKJH->BKJH", h, w["qkv"])
+    q, k, v = qkv[:, :, :g], qkv[:, :, g], qkv[:, :, g + 1]
+    if cfg.qk_norm:
+        q = layers.rms_norm(q, w["q_norm"], eps)
+        k = layers.rms_norm(k, w["k_norm"], eps)
+    q, k = _rope_pairs(q, cos, sin), _rope_pairs(k, cos, sin)
+    # [P*n, K, H] -> [P, n, K, 1, H]: a pure reshape; one slot written in place per layer
+    k = k.reshape(p, n, k_heads, 1, hd).astype(cache_k.dtype)
+    v = v.reshape(p, n, k_heads, 1, hd).astype(cache_v.dtype)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k, slot, axis=3)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v, slot, axis=3)
+    q = constrain(q.reshape(p, n, k_heads * g, hd), ("batch", None, "q_heads", None), mesh)
+    attn = decode_attention(q, prefix_k, prefix_v, start, cache_k, cache_v, lengths.reshape(p, n),
+                            impl=attention_impl)
+    x = x + jnp.einsum("BNH,NHD->BD", attn.reshape(b, k_heads * g, hd), w["o"])
+    h = layers.rms_norm(x, w["mlp_norm"], eps)
+    gu = jnp.einsum("BD,DTF->BTF", h, w["gate_up"])
+    x = x + jnp.einsum("BF,FD->BD", jax.nn.silu(gu[:, 0]) * gu[:, 1], w["down"])
+    return constrain(x, ("batch", None), mesh), cache_k, cache_v
+
+
+def decode_step(weights: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+                prefix: PrefixKV, cache: SampleKV, slot: jax.Array, lengths: jax.Array, *,
+                attention_impl: str = "xla", mesh: Mesh | None = None
+                ) -> tuple[jax.Array, SampleKV]:
+    """One token for every sample: tokens/positions [P*n]; writes its KV at `slot` of `cache`.
+
+    lengths [P*n]: how many of each row's own slots attention reads (this step's
+    slot included for running rows). Returns fp32 logits [P*n, V] and the cache.
     """
-    p, n, _, c = current.k[0].shape[:4]
-    new_k, new_v = list(current.k), list(current.v)
-    current_mask = (jnp.arange(c) <= slot)[None, None, None, :]  # [1, 1, T=1, C]
-
-    def attend_for_layer(i):
-        def attend(q, k, v):
-            # [P*n, 1, K, H] -> [P, n, K, 1, H]: a pure reshape since T == 1
-            k = k.reshape(p, n, k.shape[2], 1, k.shape[3]).astype(current.k[i].dtype)
-            v = v.reshape(p, n, v.shape[2], 1, v.shape[3]).astype(current.v[i].dtype)
-            new_k[i] = jax.lax.dynamic_update_slice_in_dim(current.k[i], k, slot, axis=3)
-            new_v[i] = jax.lax.dynamic_update_slice_in_dim(current.v[i], v, slot, axis=3)
-            own = [(ch.k[i], ch.v[i], None) for ch in finished] + [(new_k[i], new_v[i], current_mask)]
-            out = layers.multi_source_attention(
-                q.reshape(p, n, 1, *q.shape[2:]), [(prefix.k[i], prefix.v[i], prefix.mask)], own)
-            return out.reshape(p * n, 1, *q.shape[2:]), None
-        return attend
-
-    hidden, _ = run_layers(model, tokens[:, None], positions[:, None], attend_for_layer)
-    logits = logits_from_hidden(model, hidden[:, 0])
-    return logits, ChunkKV(tuple(new_k), tuple(new_v))
+    dtype = cfg.jnp_dtype
+    x = constrain(jnp.take(weights.embed, tokens, axis=0).astype(dtype), ("batch", None), mesh)
+    cos, sin = _rope_tables(positions, cfg)
+    new_k, new_v = [], []
+    for i, w in enumerate(weights.layers):
+        x, ck, cv = _decode_layer(w, x, cos, sin, prefix.k[i], prefix.v[i], prefix.start,
+                                  cache.k[i], cache.v[i], slot, lengths, cfg, attention_impl, mesh)
+        new_k.append(ck)
+        new_v.append(cv)
+    x = layers.rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
+    if weights.unembed is None:
+        logits = jnp.einsum("BD,VD->BV", x, weights.embed, preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("BD,DV->BV", x, weights.unembed, preferred_element_type=jnp.float32)
+    return logits, SampleKV(tuple(new_k), tuple(new_v))

@@ -372,8 +372,9 @@ def _rows(seed=0):
     return BASE[perm], perm  # row r: token t has logit BASE[perm[r, t]], i.e. rank perm[r, t]
 
 
-def _draw(logits, perm, params, seed=0):
-    tok, lp = sample_logits(jnp.asarray(logits), jax.random.key(seed), params)
+def _draw(logits, perm, params, seed=0, key=None):
+    key = jax.random.key(seed) if key is None else key
+    tok, lp = sample_logits(jnp.asarray(logits), key, params)
     tok, lp = np.asarray(tok), np.asarray(lp)
     assert tok.shape == lp.shape == (ROWS,) and tok.dtype == np.int32
     rank = perm[np.arange(ROWS), tok]
@@ -460,3 +461,84 @@ def test_sampling_params_reject_bad_values():
                dict(top_p=1.01), dict(top_k=-2)):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
+
+
+# --- one KV buffer per call: compilations do not follow the number of new tokens ----------
+
+class _CompileCounter:
+    """Counts XLA backend compilations (every jit executable, eager ops included)."""
+
+    def __enter__(self):
+        from jax._src import monitoring
+        self.count = 0
+
+        def listener(event, duration, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                self.count += 1
+        self._listener = listener
+        monitoring.register_event_duration_secs_listener(listener)
+        return self
+
+    def __exit__(self, *exc):
+        from jax._src import monitoring
+        monitoring.unregister_event_duration_listener(self._listener)
+
+
+def test_compilations_do_not_grow_with_max_new_tokens():
+    model = models.init_model(models.preset("tiny", max_position_embeddings=1100))
+    prompts = [[3, 4, 5], [6, 7]]
+    kw = dict(n=2, temperature=1.0, eos_ids=[], chunk_size=128, progress=False)
+    with _CompileCounter() as first:
+        out = generate(model, prompts, max_new_tokens=128, **kw)  # 127 decode steps: one chunk
+    assert all(c.length == 128 for g in out for c in g)
+    with _CompileCounter() as longer:
+        out = generate(model, prompts, max_new_tokens=1024, seed=1, **kw)
+    # 1,023 decode steps = 8 chunks of 128, all through one executable of the new length bucket;
+    # besides it only that bucket's empty KV buffer is new
+    assert all(c.length == 1024 for g in out for c in g)
+    assert longer.count == 2 < first.count
+    with _CompileCounter() as again:
+        generate(model, prompts, max_new_tokens=1024, seed=2, **kw)
+        generate(model, prompts, max_new_tokens=1000, seed=3, **kw)  # the same length bucket
+    assert again.count == 0
+
+
+def test_kernel_in_interpret_mode_samples_like_xla(qwen3):
+    """The Pallas decode-attention kernel (interpret mode) gives the XLA path's tokens and logprobs."""
+    kw = dict(n=2, max_new_tokens=12, temperature=1.0, seed=4, eos_ids=[], chunk_size=8,
+              progress=False)
+    prompts = PROMPTS[:2]
+    ref = generate(qwen3[1], prompts, decode_attention="xla", **kw)
+    got = generate(qwen3[1], prompts, decode_attention="interpret", **kw)
+    for g_ref, g in zip(ref, got):
+        for a, b in zip(g_ref, g):
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+
+
+def test_rbg_keys_reproduce_and_sample_the_tempered_softmax():
+    params = SamplingParams(temperature=1.0)
+    logits, perm = _rows(seed=4)
+    key = jax.random.key(0, impl="rbg")
+    counts = _draw(logits, perm, params, key=key)
+    assert _chi2_p(counts, _softmax(BASE)) > 1e-3
+    np.testing.assert_array_equal(counts, _draw(logits, perm, params, key=key))
+
+
+def test_rng_choice_in_generate(tiny):
+    kw = dict(n=3, max_new_tokens=6, eos_ids=[], progress=False)
+    a = generate(tiny, [[3, 4]], rng="rbg", seed=5, **kw)
+    b = generate(tiny, [[3, 4]], rng="rbg", seed=5, **kw)
+    c = generate(tiny, [[3, 4]], seed=5, **kw)
+    assert [x.tokens for x in a[0]] == [x.tokens for x in b[0]]
+    assert [x.tokens for x in a[0]] != [x.tokens for x in c[0]]
+    with pytest.raises(ValueError, match="rng must be one of"):
+        generate(tiny, [[3]], rng="mt19937", **kw)
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        generate(tiny, [[3]], decode_attention="flash", **kw)
+
+
+def test_length_buckets():
+    from medssr_jax.sampler import _length_bucket
+    assert [_length_bucket(s) for s in (1, 15, 16, 17, 127, 128, 511, 512, 513, 1023, 3071, 3072)] == \
+        [16, 16, 16, 32, 128, 128, 512, 512, 1024, 1024, 3072, 3072]
