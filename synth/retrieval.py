@@ -421,7 +421,8 @@ class Index:
         if self._searcher is not None:
             art = out / "scann"
             art.mkdir(exist_ok=True)
-            self._searcher.serialize(str(art))
+            # asset paths relative to the artifact directory, so the index can be moved or copied
+            self._searcher.serialize(str(art), relative_path=True)
         else:
             with atomic_open(out / "embeddings.npy", "wb") as f:
                 np.save(f, self._embeddings)
@@ -444,12 +445,17 @@ class Index:
             if not have_scann():
                 raise RuntimeError(f"{d} holds a ScaNN index; install scann to load it (pip install scann)")
             art = d / "scann"
-            pbtxt = (art / "scann_assets.pbtxt").read_text()
-            # ScaNN records absolute asset paths; point them at wherever the directory is now
-            pbtxt = re.sub(r'asset_path: "([^"]*)"',
-                           lambda m: f'asset_path: "{art / os.path.basename(m.group(1))}"', pbtxt)
-            sp = _scann()
-            searcher = sp.ScannSearcher(sp.scann_pybind.ScannNumpy(str(art), pbtxt))
+            if not (art / "scann_assets.pbtxt").is_file():
+                raise FileNotFoundError(f"{art / 'scann_assets.pbtxt'}: missing (the ScaNN index is incomplete)")
+            if (art / "scann_docids.pkl").exists():
+                # save() never writes docids; load_searcher would unpickle this file
+                raise ValueError(f"{art / 'scann_docids.pkl'}: not written by Index.save; refusing to "
+                                 "unpickle it (ids live in ids.json)")
+            try:
+                searcher = _scann().load_searcher(str(art), assets_backcompat_shim=False)
+            except (RuntimeError, ValueError, OSError) as e:
+                raise RuntimeError(f"{art}: ScaNN could not load this index ({e}); an index saved with "
+                                   "absolute asset paths and then moved must be rebuilt") from None
             return cls(ids, meta["method"], meta["metric"], meta["params"], meta["dim"], searcher=searcher)
         emb = np.load(d / "embeddings.npy")
         return cls(ids, meta["method"], meta["metric"], meta["params"], meta["dim"], embeddings=emb)
