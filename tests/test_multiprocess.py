@@ -278,8 +278,22 @@ def test_inconsistent_settings_fail_in_one_line(clean_env, args, env, match):
 def test_single_process_settings_start_nothing(clean_env):
     import jax
     distributed.initialize(None, 1, 0)
-    distributed.initialize()
+    jax.devices()  # JAX is running: too late to look for a cluster, and said so
+    with pytest.warns(RuntimeWarning, match="after JAX had started"):
+        distributed.initialize()
     assert jax.process_count() == 1 and distributed.is_main()
+
+
+def test_no_cluster_runs_as_one_process():
+    """A fresh process with no settings and no cluster around: one process, no warning."""
+    env = {k: v for k, v in _env(1).items() if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR",
+                                                                   "KUBERNETES_", "TPU_"))}
+    out = subprocess.run([sys.executable, "-W", "error", "-c",
+                          "from launch import distributed; distributed.initialize(); import jax; "
+                          "print('processes', jax.process_count(), jax.distributed.is_initialized())"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "processes 1 False" in out.stdout
 
 
 class _FakeInitialize:
