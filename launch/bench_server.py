@@ -60,9 +60,8 @@ def start_server():
         tok, name, template = tokenizers.byte_tokenizer(), "tiny", "qwen3"
     server = Server(model, tok, model_name=name, chat_template=template, max_batch=FLAGS.max_batch,
                     max_wait_ms=FLAGS.max_wait_ms, chunk_size=FLAGS.chunk_size).start()
-    from medssr_jax.chat import format_chat
-    longest = max(len(tok.encode(format_chat([{"role": "user", "content": q + " #999.999"}],
-                                             server.chat_template), add_special_tokens=False))
+    longest = max(len(tok.encode(server.render_chat([{"role": "user", "content": q + " #999.999"}]),
+                                 add_special_tokens=False))
                   for q in QUESTIONS)
     seconds = server.warmup(prompt_len=longest, max_tokens=FLAGS.max_tokens,
                             temperature=FLAGS.temperature)

@@ -4,10 +4,13 @@
 
 Each setting comes from its argument (the command-line flag), else from the
 environment (MEDSSR_COORDINATOR_ADDRESS, MEDSSR_NUM_PROCESSES,
-MEDSSR_PROCESS_ID). With none of them given, a Cloud TPU VM that belongs to
-a multi-host slice joins its slice through `jax.distributed.initialize()`,
-which reads the topology from the TPU metadata; anything else runs as one
-process. CPU processes exchange data through gloo collectives.
+MEDSSR_PROCESS_ID); explicit settings always win, and MEDSSR_NUM_PROCESSES=1
+runs as one process whatever the cluster. With none of them given,
+`jax.distributed.initialize()` detects the cluster itself (Cloud TPU slices,
+SLURM, Open MPI, GKE / Kubernetes, and JAX's own JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID), so a multi-host GPU or TPU job never runs
+as independent single processes; where it finds none, the run is one process.
+CPU processes exchange data through gloo collectives.
 
 Only process 0 (`is_main()`) writes logs, metrics, manifests and reports;
 checkpoints are written collectively (orbax) or gathered to process 0
@@ -16,17 +19,14 @@ checkpoints are written collectively (orbax) or gathered to process 0
 
 from __future__ import annotations
 
-import glob
 import os
-import urllib.request
+import warnings
 
 import jax
 
 ENV_COORDINATOR = "MEDSSR_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "MEDSSR_NUM_PROCESSES"
 ENV_PROCESS_ID = "MEDSSR_PROCESS_ID"
-
-_METADATA_URL = "http://{host}/computeMetadata/v1/instance/attributes/{key}"
 
 
 class DistributedConfigError(ValueError):
@@ -80,47 +80,46 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
     return coordinator, num, (0 if pid is None else pid)
 
 
-def _tpu_metadata(key: str, timeout: float = 5.0) -> str | None:
-    host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
-    req = urllib.request.Request(_METADATA_URL.format(host=host, key=key),
-                                 headers={"Metadata-Flavor": "Google"})
+def _enable_cpu_collectives():
+    """Cross-process collectives for CPU devices (gloo); a no-op for TPU and GPU backends.
+    Returns a function that restores the previous setting."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.read().decode() if r.status == 200 else None
-    except OSError:
-        return None
-
-
-def _has_tpu_chips() -> bool:
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
-def tpu_slice_hosts() -> int:
-    """Hosts in this Cloud TPU slice (times the slices of a multislice run); 0 off a TPU VM.
-
-    GKE and multislice set TPU_WORKER_HOSTNAMES / MEGASCALE_NUM_SLICES; a TPU VM
-    created directly lists its workers in the GCE metadata.
-    """
-    if os.environ.get("TPU_SKIP_MDS_QUERY") is not None:
-        return 0
-    workers = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
-    if workers is None:
-        if not _has_tpu_chips():
-            return 0
-        workers = _tpu_metadata("worker-network-endpoints")
-        if workers is None:
-            return 0
-    slices = os.environ.get("MEGASCALE_NUM_SLICES", "").strip()
-    return len([w for w in workers.split(",") if w.strip()]) * (int(slices) if slices.isdigit() else 1)
-
-
-def _enable_cpu_collectives() -> None:
-    """Cross-process collectives for CPU devices (gloo); a no-op for TPU and GPU backends."""
-    try:
-        if jax.config.jax_cpu_collectives_implementation in (None, "none"):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        before = jax.config.jax_cpu_collectives_implementation
     except AttributeError:  # older JAX: a boolean switch
         jax.config.update("jax_cpu_enable_gloo_collectives", True)
+        return lambda: jax.config.update("jax_cpu_enable_gloo_collectives", False)
+    if before in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    return lambda: jax.config.update("jax_cpu_collectives_implementation", before)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _auto_initialize() -> None:
+    """jax.distributed.initialize() with JAX's own cluster detection; one process where
+    it finds no cluster."""
+    restore = _enable_cpu_collectives()
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:
+        restore()
+        # JAX's detection found no cluster environment and no JAX_COORDINATOR_ADDRESS
+        if "coordinator_address" in str(e):
+            return
+        raise DistributedConfigError(
+            f"jax.distributed.initialize() (cluster auto-detection) failed: {_first_line(e)}; pass "
+            f"--num_processes/--process_id/--coordinator_address, or ${ENV_NUM_PROCESSES}=1 to run "
+            "as one process") from None
+    except RuntimeError as e:
+        restore()
+        if "before" in str(e) and "JAX" in str(e):  # the backend is already running in this process
+            warnings.warn("launch.distributed.initialize() was called after JAX had started, so no "
+                          "cluster was looked for; this process runs alone", RuntimeWarning, stacklevel=3)
+            return
+        raise DistributedConfigError(
+            f"jax.distributed.initialize() (cluster auto-detection) failed: {_first_line(e)}") from None
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -128,8 +127,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """Start jax.distributed when more than one process takes part (no-op otherwise).
 
     Must run before the first JAX computation. Settings come from the arguments,
-    else the MEDSSR_* environment variables; with none given, a multi-host Cloud
-    TPU slice is detected and joined.
+    else the MEDSSR_* environment variables; with none given, JAX's cluster
+    detection decides (see the module docstring).
     """
     coordinator, num, pid = resolve(coordinator_address, num_processes, process_id)
     if jax.distributed.is_initialized():
@@ -139,9 +138,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                 f"{jax.process_count()}, not {pid} of {num}")
         return
     if num is None:
-        hosts = tpu_slice_hosts()
-        if hosts > 1:
-            jax.distributed.initialize()  # the TPU cluster detection fills in every setting
+        _auto_initialize()
         return
     if num == 1:
         return
@@ -150,7 +147,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize(coordinator, num, pid)
     except RuntimeError as e:
         raise DistributedConfigError(f"jax.distributed.initialize({coordinator}, {num}, {pid}) failed: "
-                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                                     f"{_first_line(e)}") from None
 
 
 def is_main() -> bool:

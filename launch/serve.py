@@ -24,7 +24,8 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer path (see medssr_jax.tokenizer
                     "default: the model path.")
 flags.DEFINE_string("model_name", None, "Name clients pass as 'model'; default: the file or "
                     "directory name without extension.")
-flags.DEFINE_string("chat_template", None, "medssr_jax.chat template; default: the model's.")
+flags.DEFINE_string("chat_template", None, "A medssr_jax.chat template name, rendered by the built-in "
+                    "renderer; default: the checkpoint's own template, else the model's name.")
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
 flags.DEFINE_integer("port", 8000, "Port (0: any free port).")
 flags.DEFINE_string("api_key_env", "MEDSSR_SERVER_API_KEY", "Environment variable holding the API "
@@ -62,7 +63,7 @@ def main(argv):
                     max_tokens_limit=FLAGS.max_tokens_limit, max_body_bytes=FLAGS.max_body_mb << 20,
                     log_requests=FLAGS.log_requests).start()
     print(f"serving {name!r} ({cfg.family}, context {cfg.max_position_embeddings}, chat template "
-          f"{server.chat_template}) at {server.url}  [API key: "
+          f"{server.chat_template}, {server.chat_template_source}) at {server.url}  [API key: "
           f"{'required' if api_key else 'none'}]  Ctrl-C to stop", flush=True)
     server.serve_forever()
 

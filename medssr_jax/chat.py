@@ -1,4 +1,12 @@
-"""Chat prompt formatting without jinja.
+"""Chat prompt formatting without jinja, for checkpoints that carry no template.
+
+A checkpoint's own ``chat_template`` (``tokenizer_config.json``,
+``chat_template.jinja`` or GGUF metadata), rendered by transformers'
+``apply_chat_template``, is what prompts are made with wherever a tokenizer
+has one (:func:`render_chat`). The renderers here stand in where it has none,
+pick the stop tokens of :func:`medssr_jax.tokenizers.stop_token_ids`, and serve
+as the test oracle of the official templates. :func:`template_name` tells
+which of them a checkpoint is.
 
 Each template is a pure function of the messages that reproduces, for plain
 conversations (system / user / assistant turns with string content, no tools),
@@ -38,7 +46,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["CHAT_TEMPLATES", "SMOLLM2_DEFAULT_SYSTEM", "format_chat"]
+__all__ = ["CHAT_TEMPLATES", "SMOLLM2_DEFAULT_SYSTEM", "check_messages", "format_chat", "has_own_template",
+           "render_chat", "template_name"]
 
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 LLAMA3_DATE_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
@@ -158,3 +167,51 @@ def format_chat(
             f"unknown chat template {template!r}; known templates: {', '.join(CHAT_TEMPLATES)}"
         ) from None
     return render(_validate(messages), bool(add_generation_prompt), bool(enable_thinking))
+
+
+def check_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """``messages`` as plain ``{"role", "content"}`` dicts, checked as :func:`format_chat`
+    checks them (roles system/user/assistant, string content); ``ValueError`` otherwise."""
+    return [{"role": role, "content": content} for role, content in _validate(messages)]
+
+
+def has_own_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` carries a checkpoint's jinja chat template it can render."""
+    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
+
+
+def render_chat(messages: Sequence[Mapping[str, str]], template: str, tokenizer=None, *,
+                add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
+    """The prompt text of ``messages``: the tokenizer's own chat template when it has one
+    (transformers' ``apply_chat_template``), else the built-in renderer ``template``.
+    Template ``"raw"`` (base models) is always the built-in one: no markup."""
+    msgs = check_messages(messages)
+    if template != "raw" and tokenizer is not None and has_own_template(tokenizer):
+        kw = {} if enable_thinking else {"enable_thinking": False}
+        from jinja2.exceptions import TemplateError  # transformers renders templates with jinja2
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                 add_generation_prompt=bool(add_generation_prompt), **kw)
+        except TemplateError as e:  # includes raise_exception(...) inside the template
+            raise ValueError(f"the checkpoint's chat template refused these messages: {e}") from None
+    return format_chat(msgs, template, add_generation_prompt=add_generation_prompt,
+                       enable_thinking=enable_thinking)
+
+
+# Llama's vocabulary sizes are 128,256 (3.x); SmolLM2 shares the Llama architecture with 49,152.
+SMOLLM2_VOCAB_SIZE = 49_152
+
+
+def template_name(jinja: str | None, *, family: str, vocab_size: int | None = None) -> str:
+    """The built-in template that matches a checkpoint: read from its own jinja template
+    when it has one (Llama-3 headers, ChatML with SmolLM's default system prompt, other
+    ChatML), else from the architecture (``qwen3``; Llama with SmolLM2's vocabulary
+    ``smollm2``; other Llama ``llama3``)."""
+    if isinstance(jinja, str) and jinja:
+        if "<|start_header_id|>" in jinja:
+            return "llama3"
+        if "<|im_start|>" in jinja:
+            return "smollm2" if "SmolLM" in jinja else "qwen3"
+    if family == "qwen3":
+        return "qwen3"
+    return "smollm2" if vocab_size == SMOLLM2_VOCAB_SIZE else "llama3"

@@ -9,8 +9,10 @@ Endpoints:
 ``GET /v1/models``, ``GET /v1/models/{id}``
     The one served model.
 ``POST /v1/chat/completions``
-    ``messages`` rendered by :func:`medssr_jax.chat.format_chat` with the
-    server's chat template; ``n``, ``temperature``, ``top_p``, ``top_k`` (an
+    ``messages`` rendered with the checkpoint's own chat template (the
+    tokenizer's ``chat_template`` through ``apply_chat_template``), or with the
+    built-in renderer of :mod:`medssr_jax.chat` where the tokenizer has none or
+    a template name is given; ``n``, ``temperature``, ``top_p``, ``top_k`` (an
     extension), ``max_tokens`` / ``max_completion_tokens``, ``stop`` (a string
     or up to 4: the text is cut before the first occurrence and the
     finish_reason is ``"stop"``), ``seed``, ``logprobs`` and ``top_logprobs``
@@ -87,7 +89,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medssr_jax.chat import format_chat
+from medssr_jax.chat import check_messages, format_chat, has_own_template, render_chat
 
 __all__ = ["APIError", "Server"]
 
@@ -286,7 +288,10 @@ class Server:
 
     model: a ``models.Transformer``; tokenizer: a Hugging Face tokenizer
     (``encode`` / ``decode``). chat_template: a :mod:`medssr_jax.chat` template
-    name, default the model config's. eos_ids: tokens that end a completion,
+    name that renders chat prompts with the built-in renderer; default: the
+    tokenizer's own template when it has one (``chat_template_source`` says
+    ``"checkpoint"``), else the built-in renderer of the model config's name
+    (base models, named ``"raw"``, always get the raw prompt). eos_ids: tokens that end a completion,
     default the model config's EOS ids plus the template's stop tokens.
     api_key: when set, requests need ``Authorization: Bearer <api_key>``.
     max_batch: most sequences (prompts x n) per generate call, and per request;
@@ -321,6 +326,8 @@ class Server:
         self.config = model.config
         self.chat_template = chat_template or self.config.chat_template
         format_chat([{"role": "user", "content": "x"}], self.chat_template)  # validates the name
+        own = chat_template is None and self.chat_template != "raw" and has_own_template(tokenizer)
+        self.chat_template_source = "checkpoint" if own else "built-in"
         self.host, self._port = host, port
         self.api_key = api_key or None
         self.max_batch, self.max_wait_ms, self.chunk_size = max_batch, max_wait_ms, chunk_size
@@ -504,6 +511,13 @@ class Server:
             self._local.tokenizer = tok
         return tok
 
+    def render_chat(self, messages) -> str:
+        """The prompt text of ``messages`` as the chat endpoint renders it (see the class
+        docstring for which template); ``ValueError`` for messages it cannot render."""
+        if self.chat_template_source == "checkpoint":
+            return render_chat(check_messages(messages), self.chat_template, self._tok())
+        return format_chat(messages, self.chat_template)
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return list(self._tok().encode(text, add_special_tokens=add_special_tokens))
 
@@ -647,7 +661,7 @@ class Server:
                 role = "system"
             msgs.append({"role": role, "content": content})
         try:
-            text = format_chat(msgs, self.chat_template)
+            text = self.render_chat(msgs)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"invalid 'messages': {e}", param="messages") from None
         self._check_chars(text, "messages", "messages")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 AxisMap = str | tuple[str, ...] | None
@@ -45,7 +45,14 @@ DEFAULT_RULES = ShardingRules()
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh; -1 takes the remaining devices."""
+    """A ("data", "fsdp", "tensor") mesh; -1 takes the remaining devices.
+
+    Devices are laid out by ``jax.make_mesh`` (topology-aware: on TPU the
+    innermost axes follow the physical interconnect); the axes are ``Auto``, so
+    shardings are propagated by the compiler as before. Where ``jax.make_mesh``
+    cannot lay a device list out (several TPU slices, a subset of a slice), the
+    devices are reshaped in the order given.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
@@ -58,8 +65,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
                          f"have {len(devices)}")
-    arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def _axis_size(mesh: Mesh, phys: AxisMap) -> int:

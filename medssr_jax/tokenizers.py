@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import functools
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ __all__ = [
     "QWEN2_PRETOKENIZE_REGEX",
     "QWEN3_SPECIAL_TOKENS",
     "QWEN_NUM_RANKS",
+    "checkpoint_chat_template",
     "load_tokenizer",
     "qwen3_tokenizer",
     "stop_token_ids",
@@ -134,6 +136,40 @@ def load_tokenizer(path: str | os.PathLike):
             ".tiktoken rank file"
         )
     raise FileNotFoundError(f"tokenizer path {str(p)!r} does not exist")
+
+
+def checkpoint_chat_template(directory: str | os.PathLike) -> str | None:
+    """The jinja chat template an HF checkpoint directory carries, as transformers reads
+    it: ``chat_template.jinja``, else ``chat_template`` in ``tokenizer_config.json`` (a
+    string, or a list of named templates whose ``default`` is taken), else
+    ``chat_template.json``. ``None`` when it has none. A file that cannot be read or
+    holds a template of the wrong type raises ``ValueError`` naming it."""
+    d = Path(directory)
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{jinja}: cannot be read ({e})") from None
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        f = d / name
+        if not f.is_file():
+            continue
+        try:
+            obj = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: cannot be read as JSON ({e})") from None
+        template = obj.get("chat_template") if isinstance(obj, dict) else None
+        if template is None:
+            continue
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if not isinstance(template, str):
+            raise ValueError(f"{f}: 'chat_template' must be a string or a list of named templates "
+                             f"with a 'default', got {type(template).__name__}")
+        return template
+    return None
 
 
 def _default_qwen_tiktoken() -> Path:

@@ -180,7 +180,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
     if path.suffix == ".gguf":
         from models import gguf
         g = gguf.GGUFFile(path)
-        cfg = ModelConfig.from_hf(gguf.hf_config_from_gguf(g), source=str(path), **overrides)
+        jinja = g.metadata.get("tokenizer.chat_template")
+        cfg = ModelConfig.from_hf(gguf.hf_config_from_gguf(g), source=str(path),
+                                  chat_template_text=jinja if isinstance(jinja, str) else None, **overrides)
         if "chat_template" not in config_overrides and "smollm" in str(g.metadata.get("general.name", "")).lower():
             cfg = cfg.replace(chat_template="smollm2")
         tensors = ((name, arr, str(path)) for name, arr in gguf.iter_hf_tensors(g))
@@ -189,7 +191,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
         raise ValueError(f"{path}: expected an HF checkpoint directory or a .gguf file")
     hf, config_file = safetensors_io.read_config(path, "the model")
     _check_layer_count(hf, config_file, path)
-    cfg = ModelConfig.from_hf(hf, source=str(config_file), **overrides)
+    from medssr_jax.tokenizers import checkpoint_chat_template
+    cfg = ModelConfig.from_hf(hf, source=str(config_file), chat_template_text=checkpoint_chat_template(path),
+                              **overrides)
     tensors = ((name, t, str(f)) for name, t, f in safetensors_io.iter_lazy_tensors(path))
     return load_tensors(cfg, tensors, mesh, str(path)), cfg
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from medssr_jax.chat import template_name
+
 SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
@@ -99,7 +101,10 @@ class ModelConfig:
 
     # --- HF config.json -------------------------------------------------
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json", chat_template_text: str | None = None,
+                **overrides) -> "ModelConfig":
+        """``chat_template_text``: the checkpoint's own jinja chat template, if any; it
+        decides the built-in template name (see :func:`medssr_jax.chat.template_name`)."""
         archs = hf.get("architectures") or []
         family = None
         for a in archs:
@@ -144,7 +149,7 @@ class ModelConfig:
                 max_position_embeddings=int(hf.get("max_position_embeddings", 40_960)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
-                chat_template="qwen3" if family == "qwen3" else "llama3",
+                chat_template=template_name(chat_template_text, family=family, vocab_size=hf["vocab_size"]),
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r}") from None

@@ -1,7 +1,7 @@
 """Dense retrieval: embed documents with a BERT encoder, index them with ScaNN, retrieve by text.
 
-* `embed_corpus` embeds ``{id, title, text}`` documents in jitted batches, prints
-  progress (docs/s) on stderr, and with `out_dir` writes resumable shards
+* `embed_corpus` embeds ``{id, title, text}`` documents in jitted batches, shows
+  progress on stderr (a tqdm bar on a terminal, docs/s lines otherwise), and with `out_dir` writes resumable shards
   (``shard_00000.npy`` + ``shard_00000.ids.json``): a restarted run skips every
   shard already written for the same documents and settings.
 * `load_embeddings` reads precomputed embeddings (one .npy + ids as JSON list or
@@ -36,6 +36,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from medssr_jax.atomic import atomic_open, write_text_atomic
+from medssr_jax.progress import progress_bar
 
 __all__ = [
     "embed_texts", "embed_corpus", "doc_text", "load_embeddings", "load_embedding_shards",
@@ -141,14 +142,25 @@ def embed_texts(encoder, tokenizer, texts: Sequence[str], *, batch_size: int = 6
 
 
 class _Progress:
+    """Embedding progress: a tqdm bar when stderr is a terminal and the total is known,
+    else a throughput line every ``every_s`` seconds (and one at the end)."""
+
     def __init__(self, total: int | None, every_s: float = 5.0, stream=None):
         self.total, self.every_s, self.stream = total, every_s, stream or sys.stderr
         self.start = self.last = time.perf_counter()
         self.done = self.skipped = 0
+        self.bar = progress_bar(total, "embed", unit="doc", stream=self.stream)
 
     def update(self, embedded: int = 0, skipped: int = 0, force: bool = False):
         self.done += embedded
         self.skipped += skipped
+        if self.bar is not None:
+            self.bar.update(embedded + skipped)
+            if self.skipped:
+                self.bar.set_postfix(from_finished_shards=self.skipped, refresh=False)
+            if force:
+                self.bar.close()
+            return
         now = time.perf_counter()
         if force or now - self.last >= self.every_s:
             self.last = now
@@ -181,7 +193,8 @@ def embed_corpus(encoder, tokenizer, docs: Iterable[Mapping], *, batch_size: int
     ``shard_{i:05d}.ids.json`` (ids and a fingerprint of the texts, model and
     settings), each atomically. Rerunning with the same documents reuses every
     finished shard, so an interrupted run resumes where it stopped; a shard whose
-    fingerprint differs is recomputed. Throughput goes to stderr.
+    fingerprint differs is recomputed. Progress goes to stderr (see `_Progress`);
+    ``progress=False`` silences it.
     """
     total = len(docs) if hasattr(docs, "__len__") else None
     prog = _Progress(total) if progress else None
@@ -421,7 +434,8 @@ class Index:
         if self._searcher is not None:
             art = out / "scann"
             art.mkdir(exist_ok=True)
-            self._searcher.serialize(str(art))
+            # asset paths relative to the artifact directory, so the index can be moved or copied
+            self._searcher.serialize(str(art), relative_path=True)
         else:
             with atomic_open(out / "embeddings.npy", "wb") as f:
                 np.save(f, self._embeddings)
@@ -444,12 +458,17 @@ class Index:
             if not have_scann():
                 raise RuntimeError(f"{d} holds a ScaNN index; install scann to load it (pip install scann)")
             art = d / "scann"
-            pbtxt = (art / "scann_assets.pbtxt").read_text()
-            # ScaNN records absolute asset paths; point them at wherever the directory is now
-            pbtxt = re.sub(r'asset_path: "([^"]*)"',
-                           lambda m: f'asset_path: "{art / os.path.basename(m.group(1))}"', pbtxt)
-            sp = _scann()
-            searcher = sp.ScannSearcher(sp.scann_pybind.ScannNumpy(str(art), pbtxt))
+            if not (art / "scann_assets.pbtxt").is_file():
+                raise FileNotFoundError(f"{art / 'scann_assets.pbtxt'}: missing (the ScaNN index is incomplete)")
+            if (art / "scann_docids.pkl").exists():
+                # save() never writes docids; load_searcher would unpickle this file
+                raise ValueError(f"{art / 'scann_docids.pkl'}: not written by Index.save; refusing to "
+                                 "unpickle it (ids live in ids.json)")
+            try:
+                searcher = _scann().load_searcher(str(art), assets_backcompat_shim=False)
+            except (RuntimeError, ValueError, OSError) as e:
+                raise RuntimeError(f"{art}: ScaNN could not load this index ({e}); an index saved with "
+                                   "absolute asset paths and then moved must be rebuilt") from None
             return cls(ids, meta["method"], meta["metric"], meta["params"], meta["dim"], searcher=searcher)
         emb = np.load(d / "embeddings.npy")
         return cls(ids, meta["method"], meta["metric"], meta["params"], meta["dim"], embeddings=emb)

@@ -100,12 +100,13 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medssr_jax.atomic import write_json_atomic, write_text_atomic
+from medssr_jax.progress import progress_bar
 from medssr_jax.redact import redact_text
 
 __all__ = [
@@ -889,11 +890,12 @@ def synthesize(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, *, n_p
                backoff_cap: float = 30.0, budget: Budget | None = None,
                prices: Mapping[str, tuple[float, float]] = PRICES,
                embed_fn: Callable[[str], Sequence[float]] | None = None,
-               jaccard_threshold: float = 0.8, sleep: Callable[[float], None] = time.sleep
-               ) -> SynthReport:
+               jaccard_threshold: float = 0.8, sleep: Callable[[float], None] = time.sleep,
+               progress: bool = True) -> SynthReport:
     """Plan ``n_prompts`` prompts, request the unfinished ones, validate and
     record them in ``out_dir`` (see the module docstring). Rerunning with the
     same arguments resumes. Returns a :class:`SynthReport` for this call.
+    ``progress``: a tqdm bar of the planned prompts on stderr when it is a terminal.
     """
     if workers < 1:
         raise ValueError("workers must be >= 1")
@@ -953,18 +955,26 @@ def synthesize(seeds: Sequence[SeedQuestion], out_dir: str | os.PathLike, *, n_p
         return "not_started"
 
     outcomes: Counter = Counter()
+    bar = progress_bar(len(specs), "synthesize", enabled=progress, initial=report.already_done,
+                       unit="prompt")
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synth") as pool:
             futures = [pool.submit(work, s) for s in todo]
             try:
-                for f in futures:
+                for f in as_completed(futures):
                     outcomes[f.result()] += 1
+                    if bar is not None:
+                        bar.set_postfix(accepted=run.counts["accepted"], rejected=run.counts["rejected"],
+                                        failed=outcomes["failed"], refresh=False)
+                        bar.update(1)
             except BaseException:
                 caller.stop_event.set()
                 for f in futures:
                     f.cancel()
                 raise
     finally:
+        if bar is not None:
+            bar.close()
         run.close()
         run_usage = run_usage_now()
         with usage_lock:

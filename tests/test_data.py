@@ -1,5 +1,4 @@
-"""MCQ record type, source readers, atomic JSONL writing and the TFDS /
-ArrayRecord datasets with seeded, per-host sharded reading."""
+"""MCQ record type, source readers and atomic JSONL writing."""
 
 import json
 import os
@@ -318,71 +317,3 @@ def test_write_jsonl_atomic_roundtrip(tmp_path):
         write_jsonl(boom(), out)
     assert read_mcq_jsonl(out).load() == recs  # the earlier file is untouched
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.jsonl"]  # no temp file left
-
-
-# --- TFDS / ArrayRecord -------------------------------------------------------------------
-
-def _mcqs(n):
-    return [MCQ(id=f"q{i}", question=f"Stem {i}?", options={k: f"{k}{i}" for k in "ABCDE"[:2 + i % 4]},
-                answer="AB"[i % 2] if i % 3 else None, source="toy", extra={"i": i, "t": "ü"}) for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    try:
-        import tensorflow_datasets  # noqa: F401
-    except ImportError as e:  # a missing install must fail, not skip
-        pytest.fail(f"the TFDS tests need the 'data' / 'test' extra (tensorflow-datasets, array-record): {e}")
-    from medssr_jax.tfds_builders import build_mcq_dataset
-    data_dir = tmp_path_factory.mktemp("tfds")
-    recs = _mcqs(23)
-    bdir = build_mcq_dataset({"train": recs, "test": lambda: recs[:5]}, data_dir, config="toy")
-    return recs, bdir
-
-
-def test_tfds_build_and_read_back(built):
-    import sys
-    from medssr_jax.tfds_builders import mcq_data_source
-    recs, bdir = built
-    assert any(p.name.startswith("mcq_builder-train.array_record") for p in bdir.iterdir())
-    src = mcq_data_source(bdir, "train", seed=0, shuffle=False, process_index=0, process_count=1)
-    assert len(src) == 23 and list(src) == recs
-    assert [src.record(i) for i in range(5)] == recs[:5]
-    test = mcq_data_source(bdir, "test", seed=0, shuffle=False, process_index=0, process_count=1)
-    assert list(test) == recs[:5]
-    assert "tensorflow" not in sys.modules  # reading needs no TensorFlow
-
-
-def test_tfds_shards_disjoint_and_complete(built):
-    from medssr_jax.tfds_builders import mcq_data_source
-    recs, bdir = built
-    shards = [mcq_data_source(bdir, "train", seed=3, process_index=i, process_count=2) for i in range(2)]
-    ids = [[m.id for m in s] for s in shards]
-    assert (len(ids[0]), len(ids[1])) == (12, 11)
-    assert not set(ids[0]) & set(ids[1])
-    assert sorted(ids[0] + ids[1]) == sorted(m.id for m in recs)
-    for epoch in (1, 2):
-        idx = [s.indices(epoch) for s in shards]
-        assert sorted(list(idx[0]) + list(idx[1])) == list(range(23))
-    # strided: host i takes positions i, i+2, ... of the shared epoch order
-    assert list(shards[1].indices(0)) == list(shards[0].order(0)[1::2])
-    dropped = [mcq_data_source(bdir, "train", seed=3, process_index=i, process_count=2, drop_remainder=True)
-               for i in range(2)]
-    assert [len(s) for s in dropped] == [11, 11]
-    default = mcq_data_source(bdir, "train", seed=3)  # jax.process_index() of jax.process_count()
-    assert (default.process_index, default.process_count) == (0, 1) and len(default) == 23
-
-
-def test_tfds_seeded_order(built):
-    from medssr_jax.tfds_builders import mcq_data_source
-
-    def order(seed, epoch=0):
-        s = mcq_data_source(bdir, "train", seed=seed, process_index=0, process_count=1)
-        return [m.id for m in s.epoch(epoch)]
-
-    recs, bdir = built
-    assert order(7) == order(7)
-    assert order(7) != order(8)
-    assert order(7, epoch=0) != order(7, epoch=1)
-    assert sorted(order(7)) == sorted(m.id for m in recs)
-    assert order(7) != [m.id for m in recs]

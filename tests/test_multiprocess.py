@@ -278,17 +278,85 @@ def test_inconsistent_settings_fail_in_one_line(clean_env, args, env, match):
 def test_single_process_settings_start_nothing(clean_env):
     import jax
     distributed.initialize(None, 1, 0)
-    distributed.initialize()
+    jax.devices()  # JAX is running: too late to look for a cluster, and said so
+    with pytest.warns(RuntimeWarning, match="after JAX had started"):
+        distributed.initialize()
     assert jax.process_count() == 1 and distributed.is_main()
 
 
-def test_tpu_slice_detection_from_the_environment(clean_env):
-    clean_env.delenv("TPU_SKIP_MDS_QUERY", raising=False)
-    clean_env.delenv("TPU_PROCESS_ADDRESSES", raising=False)
-    clean_env.setenv("TPU_WORKER_HOSTNAMES", "t-0,t-1,t-2,t-3")
-    clean_env.delenv("MEGASCALE_NUM_SLICES", raising=False)
-    assert distributed.tpu_slice_hosts() == 4
-    clean_env.setenv("MEGASCALE_NUM_SLICES", "2")
-    assert distributed.tpu_slice_hosts() == 8
-    clean_env.setenv("TPU_SKIP_MDS_QUERY", "1")  # set by JAX itself on machines without TPU chips
-    assert distributed.tpu_slice_hosts() == 0
+def test_no_cluster_runs_as_one_process():
+    """A fresh process with no settings and no cluster around: one process, no warning."""
+    env = {k: v for k, v in _env(1).items() if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR",
+                                                                   "KUBERNETES_", "TPU_"))}
+    out = subprocess.run([sys.executable, "-W", "error", "-c",
+                          "from launch import distributed; distributed.initialize(); import jax; "
+                          "print('processes', jax.process_count(), jax.distributed.is_initialized())"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "processes 1 False" in out.stdout
+
+
+class _FakeInitialize:
+    """Stands in for jax.distributed.initialize and records how it was called."""
+
+    def __init__(self, error=None):
+        self.calls, self.error = [], error
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.error is not None:
+            raise self.error
+
+
+def test_without_settings_jax_detects_the_cluster(clean_env):
+    import jax
+    clean_env.setattr(jax.distributed, "is_initialized", lambda: False)
+    fake = _FakeInitialize()
+    clean_env.setattr(jax.distributed, "initialize", fake)
+    distributed.initialize()
+    assert fake.calls == [((), {})]  # no arguments: JAX's own detection fills every setting
+    # no cluster found (JAX's message when nothing was detected): one process
+    none_found = _FakeInitialize(ValueError("coordinator_address should be defined."))
+    clean_env.setattr(jax.distributed, "initialize", none_found)
+    distributed.initialize()
+    assert len(none_found.calls) == 1
+    # a cluster found but unusable: one line naming the way out
+    broken = _FakeInitialize(ValueError("Number of processes must be defined."))
+    clean_env.setattr(jax.distributed, "initialize", broken)
+    with pytest.raises(distributed.DistributedConfigError,
+                       match=r"cluster auto-detection\) failed: Number of processes.*MEDSSR_NUM_PROCESSES=1"):
+        distributed.initialize()
+    # explicit settings win: no detection
+    explicit = _FakeInitialize()
+    clean_env.setattr(jax.distributed, "initialize", explicit)
+    distributed.initialize("h:1", 2, 1)
+    distributed.initialize(None, 1, 0)
+    clean_env.setenv(distributed.ENV_NUM_PROCESSES, "1")
+    distributed.initialize()
+    assert explicit.calls == [(("h:1", 2, 1), {})]
+
+
+def test_slurm_job_joins_without_flags(tmp_path):
+    """Two processes that see only SLURM's variables (as srun sets them) join one run."""
+    port = _free_port()
+    script = ("from launch import distributed; distributed.initialize(); import jax; "
+              "from jax.experimental import multihost_utils as mu; import numpy as np; "
+              "total = mu.process_allgather(np.array([jax.process_index() + 1])).sum(); "
+              "print('joined', jax.process_count(), jax.process_index(), int(total), flush=True)")
+    procs = []
+    for i in range(2):
+        env = _env(1) | dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                             SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=TIMEOUT_S)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out[-2000:]
+        assert f"joined 2 {i} 3" in out, out[-2000:]

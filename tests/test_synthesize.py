@@ -176,6 +176,29 @@ def test_retrieved_passages_reach_the_prompt(tmp_path):
         assert "Background knowledge about the rare disease" in p and "passage 2." in p
 
 
+def test_progress_bar_on_a_terminal_counts_resumed_prompts(tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with FakeOpenAI(schedule=None) as srv:
+        term = Terminal()
+        monkeypatch.setattr(sys, "stderr", term)
+        run(srv, tmp_path, n_prompts=6, progress=False)
+        assert term.getvalue() == ""  # progress=False: no bar
+        run(srv, tmp_path, n_prompts=10)  # 6 done before, 4 requested now
+    out = term.getvalue()
+    assert "synthesize" in out and "10/10" in out and "accepted=" in out
+    assert " 6/10" in out  # the bar starts at the prompts already done
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    with FakeOpenAI(schedule=None) as srv:
+        run(srv, tmp_path / "log", n_prompts=4)
+    assert "synthesize" not in plain.getvalue()  # not a terminal: no bar frames in logs
+
+
 def test_api_key_never_leaks(tmp_path, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     with FakeOpenAI(schedule=lambda k, a: "400" if k.startswith(("0", "1", "2", "3")) else
