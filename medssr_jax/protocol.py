@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from medssr_jax.chat import format_chat
+from medssr_jax.chat import render_chat
 
 __all__ = [
     "ANSWER_CUE",
@@ -161,10 +161,6 @@ def _encode(tokenizer, text: str, **kw) -> list[int]:
     return list(getattr(out, "ids", out))
 
 
-def _has_own_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
-
-
 @dataclass(frozen=True)
 class Prompter:
     """Prompts, answer reading and recovery of one protocol for one model.
@@ -193,9 +189,7 @@ class Prompter:
         return self.template == "raw"
 
     def _chat(self, messages: list[dict[str, str]]) -> str:
-        if _has_own_template(self.tokenizer):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return format_chat(messages, self.template)
+        return render_chat(messages, self.template, self.tokenizer)
 
     # --- prompts ---------------------------------------------------------------
     def prompt_text(self, question: str, options: Mapping[str, str] | None = None) -> str:
