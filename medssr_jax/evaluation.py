@@ -459,10 +459,13 @@ def _generate_sorted(model, prompts: Sequence[Sequence[int]], gen: Callable, *, 
     ``batch_size``; batch ``b`` samples with seed ``seed * 1_000_003 + b``. A
     batch whose longest prompt plus ``max_new_tokens`` exceeds the model's
     context gets a smaller budget (counted in ``clipped_batches``)."""
+    from medssr_jax.progress import progress_bar
+
     context = int(model.config.max_position_embeddings)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions: list = [None] * len(prompts)
     stats = dict(generated_tokens=0, generate_seconds=0.0, clipped_batches=0)
+    bar = progress_bar(len(prompts), "questions", enabled=progress is not False, unit="q")
     for b, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
         batch = [prompts[i] for i in idx]
@@ -482,6 +485,10 @@ def _generate_sorted(model, prompts: Sequence[Sequence[int]], gen: Callable, *, 
                 raise RuntimeError(f"generate returned {len(group)} completions, expected {n}")
             completions[i] = group
             stats["generated_tokens"] += sum(len(c.tokens) for c in group)
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     return completions, stats
 
 

@@ -178,6 +178,8 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
         letter_tokens = option_letter_ids(tok, "".join(sorted({k for _, _, o, _ in fields for k in o})))
     max_len = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
     pad_id = int(getattr(tok, "pad_token_id", None) or 0)
+    from medssr_jax.progress import progress_bar
+    bar = progress_bar(len(fields), "labels", unit="q")
     records: list[LabelledItem] = []
     for b, start in enumerate(range(0, len(fields), batch_size)):
         chunk = fields[start:start + batch_size]
@@ -227,6 +229,10 @@ def pseudo_label(model, tokenizer, items: Sequence[Any], *, n: int = 8, threshol
                 unparseable_share=vote.n_unparseable / vote.n if vote.n else 0.0,
                 kept=keeps(vote.label, vote.confidence, threshold, keep),
                 n_recovered=recovered[row], answers=answers, intended_answer=intended))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     summary = summarize(records, threshold, n, keep)
     if out_dir is not None:
         out = Path(out_dir)
