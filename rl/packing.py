@@ -193,3 +193,13 @@ def unpack_response(packed: np.ndarray, layout: Layout, max_response_len: int) -
         first = int(layout.start[i]) + p - 1
         out[i, :n] = packed[layout.micro[i], layout.slot[i], first:first + n]
     return out
+
+
+def pack_response(values: np.ndarray, layout: Layout) -> np.ndarray:
+    """The inverse of `unpack_response`: [B, R] per-response-token values into [M, Bm, L]."""
+    out = np.zeros((layout.max_micro, layout.rows_per_micro, layout.pack_len), np.float32)
+    for i in range(len(layout.micro)):
+        p, n = int(layout.prompt_len[i]), int(layout.response_len[i])
+        first = int(layout.start[i]) + p - 1
+        out[layout.micro[i], layout.slot[i], first:first + n] = values[i, :n]
+    return out
