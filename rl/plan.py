@@ -300,7 +300,8 @@ def device_memory_bytes(device=None) -> int | None:
 
 def estimate_step_seconds(plan: GRPOPlan, cfg: ModelConfig, *, mean_response: float, mean_prompt: float,
                           peak_flops: float, hbm_bytes_per_s: float, mfu: float = 0.4,
-                          sampler_bandwidth_fraction: float = 0.6) -> dict[str, float]:
+                          sampler_bandwidth_fraction: float = 0.6,
+                          packing_efficiency: float = 1.0) -> dict[str, float]:
     """Rough time per step on `plan.devices` devices (the arithmetic the README quotes).
 
     update: (6 + 2 if remat recomputes the forward) * N * tokens / (devices * peak * mfu);
@@ -308,13 +309,16 @@ def estimate_step_seconds(plan: GRPOPlan, cfg: ModelConfig, *, mean_response: fl
     device reads its share of the compute-dtype weights and the KV so far, at
     `sampler_bandwidth_fraction` of the HBM bandwidth, for mean_response steps per call
     (the longest rollout sets the call's length; mean_response is the planning figure).
+    The update and the reference pass compute whole pack rows: real tokens /
+    packing_efficiency positions.
     """
     n = cfg.num_params()
     rows = plan.prompts_per_step * plan.num_generations
     tokens = rows * (mean_prompt + mean_response)
     flops_per_token = (8 if plan.remat != "none" else 6) * n
-    update = flops_per_token * tokens / (plan.devices * peak_flops * mfu)
-    reference = 2 * n * tokens / (plan.devices * peak_flops * mfu)
+    computed = tokens / packing_efficiency
+    update = flops_per_token * computed / (plan.devices * peak_flops * mfu)
+    reference = 2 * n * computed / (plan.devices * peak_flops * mfu)
     cb = _dtype_bytes(cfg.dtype)
     weights_dev = n * cb / plan.mesh[2]  # FSDP gathers every weight for each decode step
     batch_dev = plan.prompts_per_call * plan.num_generations / plan.data_shards
