@@ -190,9 +190,22 @@ def segment_bounds(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array
 
 
 def _cudnn_packed_attention(q, k, v, segment_ids, max_segments: int):
-    """cuDNN fused attention over packed segments (causal within each, padding ignored)."""
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+    """cuDNN fused attention over packed rows: causal within each segment, padding ignored.
 
+    One segment per row is a right-padded sequence: the public kernel with causal
+    masking and sequence lengths. Several use cuDNN's packed layout (segment offsets
+    and lengths), reached through jax's cuDNN module; where that module is missing
+    the kernel takes the explicit segment mask instead.
+    """
+    if max_segments == 1:
+        lengths = jnp.sum((segment_ids > 0).astype(jnp.int32), axis=-1)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+    except ImportError:
+        mask = segment_mask(segment_ids)[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     lengths, offsets = segment_bounds(segment_ids, max_segments)
     return dot_product_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
                                  scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL)
@@ -203,10 +216,8 @@ def training_attention(impl: str, attention_mask: jax.Array | None, segment_ids:
     """Full-sequence attention for training and scoring.
 
     "xla": the einsum reference (fp32 softmax) with an explicit [B, T, T] mask.
-    "cudnn": the fused kernel through `jax.nn.dot_product_attention` (rows of one
-    sequence each, right-padded: causal + key lengths), or cuDNN's packed layout
-    (segment offsets and lengths) for packed rows; a left-padded mask falls back
-    to the kernel with an explicit mask.
+    "cudnn": the fused kernel; packed rows (segment_ids) go through
+    `_cudnn_packed_attention`, rows of one left-padded sequence pass their mask.
     """
     if impl == "cudnn":
         if segment_ids is not None:
@@ -220,16 +231,13 @@ def training_attention(impl: str, attention_mask: jax.Array | None, segment_ids:
 
 def forward_hidden(model: Transformer, tokens: jax.Array, attention_mask: jax.Array | None = None,
                    positions: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
-                   max_segments: int = 1, remat: str | None = None,
-                   right_padded: bool = False) -> jax.Array:
+                   max_segments: int = 1, remat: str | None = None) -> jax.Array:
     """Final-norm hidden states [B, T, D] of a full-sequence forward.
 
     Rows are either one sequence each (`attention_mask`, left or right padding),
     or packed: `segment_ids` [B, T] numbers the sequences of a row 1..m in order
-    (0 = padding after the last), `positions` restart at 0 in each, and attention
-    stays within a segment. `right_padded=True` promises every row is one sequence
-    starting at position 0, which lets the cuDNN kernel use causal masking with key
-    lengths instead of an explicit mask. `remat` overrides the config's policy.
+    (0 = padding after the last, m <= max_segments), `positions` restart at 0 in
+    each, and attention stays within a segment. `remat` overrides the config's policy.
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
@@ -246,15 +254,7 @@ def forward_hidden(model: Transformer, tokens: jax.Array, attention_mask: jax.Ar
             attention_mask = jnp.ones(tokens.shape, bool)
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        if right_padded and cfg.attention_impl == "cudnn":
-            lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
-
-            def attend(q, k, v):
-                out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                                   key_value_seq_lengths=lengths, implementation="cudnn")
-                return out, None
-        else:
-            attend = training_attention(cfg.attention_impl, attention_mask, None)
+        attend = training_attention(cfg.attention_impl, attention_mask, None)
     hidden, _ = run_layers(model, tokens, positions, lambda i: attend, remat=remat)
     return hidden
 

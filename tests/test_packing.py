@@ -189,3 +189,32 @@ def test_segment_mask_and_cudnn_packed_bounds():
     lengths, offsets = segment_bounds(seg, 4)
     assert lengths.tolist() == [[3, 2, 1, -1], [8, -1, -1, -1]]
     assert offsets.tolist() == [[0, 3, 5, 6, -1], [0, 8, -1, -1, -1]]
+
+
+def test_cudnn_wiring_on_the_xla_kernel_matches_the_reference_forward(monkeypatch):
+    """attention_impl="cudnn" with the kernel swapped for jax's XLA implementation of the same
+    call: the arguments the model passes (sequence lengths of packed single-sequence rows, the
+    mask of left-padded rows) give the reference forward's hidden states."""
+    real = jax.nn.dot_product_attention
+
+    def on_xla(*args, implementation=None, **kw):
+        assert implementation == "cudnn"
+        return real(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
+    ref_model = models.init_model(CFG, seed=SEED)
+    cudnn_model = models.init_model(CFG.replace(attention_impl="cudnn"), seed=SEED)
+    rng = np.random.default_rng(0)
+    lengths = np.asarray([12, 7, 1])
+    tokens = jnp.asarray(rng.integers(2, CFG.vocab_size, (3, 12)), jnp.int32)
+    seg = jnp.asarray((np.arange(12)[None] < lengths[:, None]).astype(np.int32))
+    pos = jnp.asarray(np.broadcast_to(np.arange(12), (3, 12)), jnp.int32)
+    fwd = jax.jit(lambda m: models.transformer.forward_hidden(m, tokens, positions=pos, segment_ids=seg))
+    want, got = np.asarray(fwd(ref_model)), np.asarray(fwd(cudnn_model))
+    valid = np.asarray(seg) > 0
+    np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=1e-5)
+    # left-padded rows: the kernel gets the explicit mask
+    attn = jnp.asarray(np.arange(12)[None] >= 12 - lengths[:, None])
+    want = np.asarray(jax.jit(models.transformer.forward_hidden)(ref_model, tokens, attn))
+    got = np.asarray(jax.jit(models.transformer.forward_hidden)(cudnn_model, tokens, attn))
+    np.testing.assert_allclose(got[np.asarray(attn)], want[np.asarray(attn)], rtol=0, atol=1e-5)
