@@ -256,9 +256,6 @@ def sample_in_calls(policy: Transformer, prompts: Sequence[Sequence[int]], *, pr
     return groups, stats
 
 
-_cast_for_compute = jax.jit(compute_params, static_argnums=0)
-
-
 def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, cfg: RLConfig,
              workdir: str | os.PathLike, *, ref_model: Transformer | None = None,
              eos_ids: Sequence[int] | None = None, pad_id: int = 0, mesh: Mesh | None = None,
@@ -339,8 +336,9 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
             t0 = time.perf_counter()
             idx = batch_indices(len(items), step, cfg.prompts_per_step, cfg.seed)
             batch_items = [items[i] for i in idx]
-            # the sampler reads the weights in the compute dtype, cast once per step
-            policy = nnx.merge(graphdef, _cast_for_compute(graphdef, state.params))
+            # the sampler reads the matrices in the compute dtype, cast once per step (eagerly,
+            # leaf by leaf: what keeps its dtype is not copied)
+            policy = nnx.merge(graphdef, compute_params(graphdef, state.params))
             gen, gen_stats = sample_in_calls(
                 policy, [it.prompt_tokens for it in batch_items], prompts_per_call=plan.prompts_per_call,
                 step_seed=cfg.seed * 1_000_003 + step, n=cfg.num_generations,

@@ -218,3 +218,23 @@ def test_cudnn_wiring_on_the_xla_kernel_matches_the_reference_forward(monkeypatc
     want = np.asarray(jax.jit(models.transformer.forward_hidden)(ref_model, tokens, attn))
     got = np.asarray(jax.jit(models.transformer.forward_hidden)(cudnn_model, tokens, attn))
     np.testing.assert_allclose(got[np.asarray(attn)], want[np.asarray(attn)], rtol=0, atol=1e-5)
+
+
+def test_sharded_packed_step_matches_single_device_and_keeps_shardings():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from tests.test_train_step import _sharded_setup, _sharding_mismatches, leaves
+
+    mesh, g8, s8, want = _sharded_setup()
+    g1, s1 = init_train_state(models.init_model(CFG, seed=SEED), TX)
+    batch = make_batch(g1, s1.params, old_noise=0.3)
+    packed, layout = to_packed(batch, pack_len=SP + R, rows_per_micro=4, shards=4)
+    assert layout.num_micro >= 2
+    place = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, ("data", "fsdp")) if x.ndim else P()))  # noqa: E731
+    s1, m1 = train_step(g1, s1, packed, tx=TX, cfg=LOSS)
+    s8, m8 = train_step(g8, s8, jax.tree.map(place, packed), tx=TX, cfg=LOSS)
+    for k in m1:
+        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert_trees_close(s8.params, s1.params, 1e-5, what="params", per_leaf=True)
+    assert _sharding_mismatches(s8, want) == []
+    assert max(float(np.abs(a - b).max()) for a, b in zip(leaves(s1.params), leaves(s8.params))) < 1e-5
