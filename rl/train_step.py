@@ -1,15 +1,28 @@
-"""The jitted GRPO update: remat forward, response logprobs, loss, accumulated grads, AdamW.
+"""The jitted GRPO update: remat forward, fused response logprobs, loss, accumulated grads, AdamW.
 
-A mini-batch is packed as prompt (left-padded to Sp) + response (right-padded
-to R) rows of length L = Sp + R. Micro-batches run in a `lax.scan`; each
-contributes numerator_k / D with D the loss denominator of the whole
-mini-batch, so the summed gradient is exactly that of the one big batch.
+Two batch layouts:
+
+- `Batch`: unpacked rows of prompt (left-padded to Sp) + response (right-padded
+  to R), L = Sp + R; fixed micro-batches of `micro_batch_size` rows in a
+  `lax.scan`.
+- `PackedBatch` (rl/packing.py, what the GRPO loop uses): sequences packed by
+  length into rows of `pack_len` tokens with segment ids; a `fori_loop` over
+  the batch's `num_micro` micro-batches (a traced count: no recompilation when
+  it changes between steps).
+
+Either way each micro-batch contributes numerator_k / D with D the loss
+denominator of the whole mini-batch, so the summed gradient is exactly that of
+the one big batch.
 
 Precision: master weights and optimizer state in `param_dtype` (fp32 by
-default), matmuls in the model's compute dtype (bf16 for speed), logits,
-log-softmax and the loss in fp32. Parameters and optimizer state keep the
-model's logical-axis sharding (FSDP over "fsdp", heads/MLP over "tensor");
-the batch is sharded over ("data", "fsdp").
+default); the matrices are cast to the model's compute dtype once per step,
+before the micro-batch loop (`compute_params`); logits, log-softmax and the loss
+in fp32, through the fused LM head (rl/logprobs.py) that never holds [B, T, V]
+logits. A step whose loss or gradient norm is not finite skips the optimizer
+update through `lax.cond` (the state passes through untouched, no select over
+every leaf). Parameters and optimizer state keep the model's logical-axis
+sharding (FSDP over "fsdp", heads/MLP over "tensor"); the batch is sharded over
+("data", "fsdp").
 """
 
 from __future__ import annotations
