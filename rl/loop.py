@@ -68,7 +68,7 @@ class RLConfig:
     prompts_per_call: int | None = None     # prompt groups per generate call
     rows_per_micro: int | None = None       # packed rows per update micro-batch (all devices)
     pack_len: int | None = None             # tokens per packed row; None: prompt + response, rounded up to 128
-    # tokens per device of one update micro-batch at most; None: 32,768 on GPU/TPU, 2,048 on
+    # tokens per device of one update micro-batch at most; None: 32,768 on GPU/TPU, 1,024 on
     # CPU (CPU matmuls are efficient at that size and host memory is shared with everything else)
     micro_tokens_per_device: int | None = None
     loss: LossConfig = LossConfig()
@@ -212,7 +212,7 @@ def make_plan(model_cfg, cfg: RLConfig, mesh: Mesh | None, *, with_reference: bo
         device_bytes = cfg.device_memory_gb * 1e9
     else:
         device_bytes = device_memory_bytes() or _host_memory_bytes() // max(jax.local_device_count(), 1)
-    cap = cfg.micro_tokens_per_device or (2048 if jax.default_backend() == "cpu" else 32_768)
+    cap = cfg.micro_tokens_per_device or (1024 if jax.default_backend() == "cpu" else 32_768)
     return plan_grpo(model_cfg, prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
                      max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens, mesh_shape=shape,
                      device_bytes=device_bytes, kl_coef=cfg.loss.kl_coef if with_reference else 0.0,

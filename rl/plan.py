@@ -36,8 +36,8 @@ hidden stream in fp32 (8 d t: value and cotangent) + the LM-head chunk
 (3 * 4 * V * t * chunk / pack_len: logits, probabilities and their cotangent
 for `chunk` positions of every row). With attention_impl="xla" the
 [heads, T, T] fp32 scores of one layer add 3 * 4 * heads * pack_len per token
-(scores, probabilities, their cotangent); cuDNN's fused kernel keeps O(T)
-statistics only. Beside the fp32 accumulator, one micro-batch's gradient
+(scores, probabilities, their cotangent), of every layer with remat="none";
+cuDNN's fused kernel keeps O(T) statistics only. Beside the fp32 accumulator, one micro-batch's gradient
 (compute dtype) is resident while it is added.
 """
 
@@ -176,7 +176,9 @@ def update_bytes_per_token(cfg: ModelConfig, remat: str, attention_impl: str, pa
     per_token = cfg.num_layers * saved + 2 * full + 8 * cfg.hidden_size
     per_token += math.ceil(12 * cfg.vocab_size * min(chunk, pack_len) / pack_len)
     if attention_impl == "xla":
-        per_token += 12 * cfg.num_heads * pack_len
+        # without remat every layer keeps its scores and probabilities for the backward
+        layers_holding_scores = cfg.num_layers if remat == "none" else 1
+        per_token += 12 * cfg.num_heads * pack_len * layers_holding_scores
     return per_token
 
 
