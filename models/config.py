@@ -51,8 +51,9 @@ class ModelConfig:
     # Numerics: weights stored in param_dtype, matmuls in dtype, norms/softmax/logits in fp32.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    # Backward-pass recomputation per layer: "none", "full" (save only layer inputs)
-    # or "dots" (save matmul outputs, recompute the rest).
+    # Backward-pass recomputation per layer: "none", "full" (save only layer inputs),
+    # "dots" (save matmul outputs, recompute the rest) or "names" (save q/k/v, the
+    # attention context and the residual-stream projections; recompute the MLP).
     remat: str = "none"
     # Full-sequence attention: "xla" (einsum + fp32 softmax, the parity reference) or
     # "cudnn" (jax.nn.dot_product_attention's fused kernel, GPU only).
@@ -61,8 +62,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in ("qwen3", "llama"):
             raise ValueError(f"model family {self.family!r} not supported (qwen3, llama)")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.remat not in ("none", "full", "dots", "names"):
+            raise ValueError(f"remat must be none, full, dots or names, got {self.remat!r}")
         if self.attention_impl not in ("xla", "cudnn"):
             raise ValueError(f"attention_impl must be xla or cudnn, got {self.attention_impl!r}")
         if self.num_heads % self.num_kv_heads:

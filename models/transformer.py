@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from medssr_jax.sharding import constrain
@@ -21,9 +22,15 @@ from models.decode_attention import decode_attention
 from models.config import ModelConfig
 
 Weights = dict[str, jax.Array]
+# Activations a block names with `checkpoint_name`, for the "names" remat policy: the
+# rotated q/k, v, the attention context and the two residual-stream projections. Saving
+# these (as MaxText's save_qkv_proj / save_out_proj policies do) spares the backward
+# pass the attention recomputation while the MLP's wide intermediates are recomputed.
+SAVED_ACTIVATION_NAMES = ("query", "key", "value", "attn_context", "attn_out", "mlp_out")
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "names": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATION_NAMES),
 }
 
 
@@ -113,10 +120,12 @@ def block_forward(w: Weights, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg:
     q = constrain(layers.apply_rope(q, cos, sin), ("batch", None, "q_heads", None), mesh)
     k = constrain(layers.apply_rope(k, cos, sin), ("batch", None, "kv_heads", None), mesh)
     v = constrain(v, ("batch", None, "kv_heads", None), mesh)
+    q, k, v = (checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value"))
     attn, collected = attend(q, k, v)
-    x = x + jnp.einsum("BTNH,NHD->BTD", attn, w["o_nhd"])
+    attn = checkpoint_name(attn, "attn_context")
+    x = x + checkpoint_name(jnp.einsum("BTNH,NHD->BTD", attn, w["o_nhd"]), "attn_out")
     h = layers.rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    x = x + layers.swiglu(h, w["gate_df"], w["up_df"], w["down_fd"])
+    x = x + checkpoint_name(layers.swiglu(h, w["gate_df"], w["up_df"], w["down_fd"]), "mlp_out")
     return constrain(x, ("batch", None, None), mesh), collected
 
 
@@ -162,22 +171,92 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, T]: causal within a packed segment; segment id 0 is padding and attends nowhere."""
+    t = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same & (segment_ids > 0)[:, None, :]
+
+
+def segment_bounds(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed layout from contiguous segment ids 1..m (0 = trailing padding):
+    lengths [B, M] and offsets [B, M + 1], entries past a row's last segment set to -1."""
+    ids = jnp.arange(1, max_segments + 1, dtype=segment_ids.dtype)
+    lengths = jnp.sum(segment_ids[:, None, :] == ids[None, :, None], axis=-1).astype(jnp.int32)
+    count = jnp.sum(lengths > 0, axis=-1, keepdims=True)
+    offsets = jnp.concatenate([jnp.zeros_like(lengths[:, :1]), jnp.cumsum(lengths, axis=-1)], axis=-1)
+    offsets = jnp.where(jnp.arange(max_segments + 1)[None] <= count, offsets, -1)
+    return jnp.where(lengths > 0, lengths, -1), offsets
+
+
+def _cudnn_packed_attention(q, k, v, segment_ids, max_segments: int):
+    """cuDNN fused attention over packed rows: causal within each segment, padding ignored.
+
+    One segment per row is a right-padded sequence: the public kernel with causal
+    masking and sequence lengths. Several use cuDNN's packed layout (segment offsets
+    and lengths), reached through jax's cuDNN module; where that module is missing
+    the kernel takes the explicit segment mask instead.
+    """
+    if max_segments == 1:
+        lengths = jnp.sum((segment_ids > 0).astype(jnp.int32), axis=-1)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+    except ImportError:
+        mask = segment_mask(segment_ids)[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    lengths, offsets = segment_bounds(segment_ids, max_segments)
+    return dot_product_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
+                                 scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL)
+
+
+def training_attention(impl: str, attention_mask: jax.Array | None, segment_ids: jax.Array | None,
+                       max_segments: int = 1) -> AttendFn:
+    """Full-sequence attention for training and scoring.
+
+    "xla": the einsum reference (fp32 softmax) with an explicit [B, T, T] mask.
+    "cudnn": the fused kernel; packed rows (segment_ids) go through
+    `_cudnn_packed_attention`, rows of one left-padded sequence pass their mask.
+    """
+    if impl == "cudnn":
+        if segment_ids is not None:
+            return lambda q, k, v: (_cudnn_packed_attention(q, k, v, segment_ids, max_segments), None)
+        mask = causal_mask(attention_mask)
+        return lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
+                                                             implementation="cudnn"), None)
+    mask = segment_mask(segment_ids) if segment_ids is not None else causal_mask(attention_mask)
+    return lambda q, k, v: (layers.attention(q, k, v, mask), None)
+
+
 def forward_hidden(model: Transformer, tokens: jax.Array, attention_mask: jax.Array | None = None,
-                   positions: jax.Array | None = None) -> jax.Array:
+                   positions: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+                   max_segments: int = 1, remat: str | None = None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] of a full-sequence forward.
+
+    Rows are either one sequence each (`attention_mask`, left or right padding),
+    or packed: `segment_ids` [B, T] numbers the sequences of a row 1..m in order
+    (0 = padding after the last, m <= max_segments), `positions` restart at 0 in
+    each, and attention stays within a segment. `remat` overrides the config's policy.
+    """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
-    if attention_mask is None:
-        attention_mask = jnp.ones(tokens.shape, bool)
-    if positions is None:
-        positions = positions_from_mask(attention_mask)
-    mask = causal_mask(attention_mask)
-    if model.config.attention_impl == "cudnn":
-        def attend(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn"), None
+    cfg = model.config
+    remat = cfg.remat if remat is None else remat
+    if remat != "none" and remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be none or one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    if segment_ids is not None:
+        if positions is None:
+            raise ValueError("packed rows (segment_ids) need their per-segment positions")
+        attend = training_attention(cfg.attention_impl, None, segment_ids, max_segments)
     else:
-        def attend(q, k, v):
-            return layers.attention(q, k, v, mask), None
-    hidden, _ = run_layers(model, tokens, positions, lambda i: attend, remat=model.config.remat)
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, bool)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        attend = training_attention(cfg.attention_impl, attention_mask, None)
+    hidden, _ = run_layers(model, tokens, positions, lambda i: attend, remat=remat)
     return hidden
 
 

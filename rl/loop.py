@@ -33,14 +33,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medssr_jax import multihost
+from medssr_jax.multihost import global_from_host
 from medssr_jax.metrics import MetricsWriter
 from medssr_jax.sampler import Completion, generate
 from medssr_jax.sharding import make_mesh
 from models.checkpoint import shard_model
 from models.transformer import Transformer
 from rl import grpo
-from rl.train_step import (Batch, LossConfig, OptimConfig, TrainState, init_train_state,
-                           make_optimizer, sequence_logprobs, train_step)
+from rl.packing import PackedBatch, pack
+from rl.plan import GRPOPlan, device_memory_bytes, plan_grpo
+from rl.train_step import (Batch, LossConfig, OptimConfig, TrainState, compute_params, init_train_state,
+                           make_optimizer, packed_sequence_logprobs, sequence_logprobs, train_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,15 @@ class RLConfig:
     keep_checkpoints: int = 3
     sampler_chunk: int = 128
     peak_flops: float | None = None  # for MFU; None leaves MFU out
+    # memory plan (rl/plan.py): None lets the plan choose
+    device_memory_gb: float | None = None   # per device; None: the backend's figure (host RAM on CPU)
+    memory_fraction: float = 0.9            # share of device memory the plan may use
+    prompts_per_call: int | None = None     # prompt groups per generate call
+    rows_per_micro: int | None = None       # packed rows per update micro-batch (all devices)
+    pack_len: int | None = None             # tokens per packed row; None: prompt + response, rounded up to 128
+    # tokens per device of one update micro-batch at most; None: 32,768 on GPU/TPU, 1,024 on
+    # CPU (CPU matmuls are efficient at that size and host memory is shared with everything else)
+    micro_tokens_per_device: int | None = None
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
 
@@ -186,6 +198,64 @@ class _RowPlacement:
         return multihost.global_from_local_rows(local, self.sharding, (self.num_rows, *local.shape[1:]))
 
 
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def make_plan(model_cfg, cfg: RLConfig, mesh: Mesh | None, *, with_reference: bool,
+              model_name: str | None = None) -> GRPOPlan:
+    """The memory plan of a GRPO stage on `mesh` (rl/plan.py). Device memory: the
+    config's device_memory_gb, else the backend's bytes_limit, else (CPU) host RAM
+    divided over the local devices."""
+    shape = (1, 1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"])
+    if cfg.device_memory_gb is not None:
+        device_bytes = cfg.device_memory_gb * 1e9
+    else:
+        device_bytes = device_memory_bytes() or _host_memory_bytes() // max(jax.local_device_count(), 1)
+    cap = cfg.micro_tokens_per_device or (1024 if jax.default_backend() == "cpu" else 32_768)
+    return plan_grpo(model_cfg, prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
+                     max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens, mesh_shape=shape,
+                     device_bytes=device_bytes, kl_coef=cfg.loss.kl_coef if with_reference else 0.0,
+                     logprob_chunk=cfg.loss.logprob_chunk, memory_fraction=cfg.memory_fraction,
+                     pack_len=cfg.pack_len, rows_per_micro=cfg.rows_per_micro,
+                     prompts_per_call=cfg.prompts_per_call, micro_token_cap=cap, model_name=model_name)
+
+
+def call_seed(step_seed: int, call: int) -> int:
+    """The sampler seed of generate call `call` of a step: the step's own seed for the first
+    call (a plan with one call per step samples exactly what one big call did), a seed
+    derived from (step seed, call) for the others.
+
+    The sampler draws every decode step's tokens from one key over its whole batch, so
+    a row's random stream depends on which rows share its call: a step sampled in
+    several calls is another draw from the same distribution than one big call, not
+    the same tokens. It is reproducible from (seed, step, prompts_per_call), which is
+    what resuming needs; tests/test_rl_loop.py checks both properties."""
+    if call == 0:
+        return step_seed
+    return int(np.random.SeedSequence([step_seed, call]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def sample_in_calls(policy: Transformer, prompts: Sequence[Sequence[int]], *, prompts_per_call: int,
+                    step_seed: int, **generate_kw) -> tuple[list, dict]:
+    """Rollouts of `prompts` in generate calls of `prompts_per_call` prompts (whole groups).
+
+    Call k samples exactly what `generate(prompts[k*P:(k+1)*P], seed=call_seed(step_seed, k))`
+    does; with a single call this is `generate(prompts, seed=step_seed)`. A long rollout
+    holds only its own call, and the KV of one call is what the plan budgeted.
+    """
+    groups: list = []
+    stats = dict(seconds=0.0, generated_tokens=0, calls=0)
+    for k, start in enumerate(range(0, len(prompts), prompts_per_call)):
+        gen = generate(policy, prompts[start:start + prompts_per_call], seed=call_seed(step_seed, k),
+                       **generate_kw)
+        groups.extend(gen)
+        for key in ("seconds", "generated_tokens"):
+            stats[key] += gen.stats[key]
+        stats["calls"] += 1
+    return groups, stats
+
+
 def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, cfg: RLConfig,
              workdir: str | os.PathLike, *, ref_model: Transformer | None = None,
              eos_ids: Sequence[int] | None = None, pad_id: int = 0, mesh: Mesh | None = None,
@@ -196,6 +266,13 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
     Returns the trained model (same graph, new parameters) and the per-step metrics.
     A step whose loss or gradient is not finite raises NonFiniteError; the
     checkpoints already written are left as they were.
+
+    Before the first step the stage is planned (rl/plan.py, `make_plan`): the plan
+    is logged as one block and written to `workdir / "plan.json"`; a plan that
+    cannot fit raises PlanError with one line naming the setting to change. Each
+    step samples in `plan.generate_calls` generate calls, packs the rollouts into
+    micro-batches of `plan.rows_per_micro` rows of `plan.pack_len` tokens, and runs
+    the reference pass and the update in that packing.
 
     The policy trains on `training_mesh(model, mesh)`; parameters not yet on it
     (the policy's and the reference model's) are moved there in place. With
@@ -213,14 +290,26 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
         if len(item.prompt_tokens) > cfg.max_prompt_len:
             raise ValueError(f"item {item.id!r}: prompt has {len(item.prompt_tokens)} tokens > "
                              f"max_prompt_len={cfg.max_prompt_len}")
+        if not item.prompt_tokens:
+            raise ValueError(f"item {item.id!r}: empty prompt")
     main = jax.process_index() == 0
     log = (log or (lambda s: print(s, file=sys.stderr, flush=True))) if main else (lambda s: None)
     workdir = Path(workdir)
     mesh = training_mesh(model, mesh)
+    plan = make_plan(model.config, cfg, mesh, with_reference=use_ref)
+    log(plan.describe())
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / "plan.json.tmp"
+        tmp.write_text(plan.to_json())
+        os.replace(tmp, workdir / "plan.json")
     for m in (model, ref_model):
         if m is not None and mesh is not None and m.mesh != mesh:
             shard_model(m, mesh)
-    placement = _RowPlacement(mesh, cfg.prompts_per_step * cfg.num_generations)
+    rows_total = cfg.prompts_per_step * cfg.num_generations
+    placement = _RowPlacement(mesh, rows_total)
+    packed_sharding = (None if mesh is None else
+                       NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
     tx = make_optimizer(cfg.optim)
     graphdef, state = init_train_state(model, tx)
     ref = nnx.split(ref_model, nnx.Param) if use_ref else None
@@ -233,36 +322,52 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
     # a resumed run returns the whole history: steps up to the checkpoint from the metrics file
     history: list[dict] = earlier_history(workdir / "metrics" / "metrics.jsonl", start) if start else []
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+    def put_packed(x):
+        x = np.asarray(x)
+        if packed_sharding is None:
+            return jnp.asarray(x)
+        if x.ndim < 2:  # num_micro, denominator: replicated
+            return global_from_host(x, NamedSharding(mesh, PartitionSpec()))
+        return global_from_host(x, packed_sharding)
+
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             idx = batch_indices(len(items), step, cfg.prompts_per_step, cfg.seed)
             batch_items = [items[i] for i in idx]
-            policy = nnx.merge(graphdef, state.params)
-            gen = generate(policy, [it.prompt_tokens for it in batch_items], n=cfg.num_generations,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed * 1_000_003 + step,
-                           eos_ids=eos_ids, pad_id=pad_id, chunk_size=cfg.sampler_chunk, progress=False)
+            # the sampler reads the matrices in the compute dtype, cast once per step (eagerly,
+            # leaf by leaf: what keeps its dtype is not copied)
+            policy = nnx.merge(graphdef, compute_params(graphdef, state.params))
+            gen, gen_stats = sample_in_calls(
+                policy, [it.prompt_tokens for it in batch_items], prompts_per_call=plan.prompts_per_call,
+                step_seed=cfg.seed * 1_000_003 + step, n=cfg.num_generations,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                top_k=cfg.top_k, eos_ids=eos_ids, pad_id=pad_id, chunk_size=cfg.sampler_chunk,
+                progress=False)
+            del policy
             t_sample = time.perf_counter() - t0
-            # every process holds all completions; it scores and packs only its own rows
+            # every process holds all completions; it scores only its own rows
             rows = [(it, c) for it, g in zip(batch_items, gen) for c in g]
             mine = [rows[r] for r in placement.rows]
             local_rewards = np.asarray([reward_fn(it, c) for it, c in mine], np.float32)
             rewards = multihost.host_array(placement.put(local_rewards))
             adv = np.asarray(grpo.compute_advantages(jnp.asarray(rewards), cfg.num_generations,
                                                      scale_by_std=cfg.scale_by_std))
-            packed = pack_rows(mine, cfg.max_prompt_len, cfg.max_new_tokens, pad_id)
-            tokens, attention_mask = placement.put(packed["tokens"]), placement.put(packed["attention_mask"])
+            # every process packs the whole batch the same way and places its shards
+            fields, layout = pack([it.prompt_tokens for it, _ in rows], [c.tokens for _, c in rows],
+                                  [c.logprobs for _, c in rows], adv, pack_len=plan.pack_len,
+                                  rows_per_micro=plan.rows_per_micro, max_micro=plan.max_micro,
+                                  max_segments=cfg.loss.max_segments, agg=cfg.loss.agg,
+                                  max_response_len=cfg.max_new_tokens, shards=plan.data_shards, pad_id=pad_id)
+            batch = PackedBatch(**{k: put_packed(v) for k, v in fields.items()}, ref_logp=None)
             t1 = time.perf_counter()
-            ref_logp = None
             if use_ref:
-                ref_logp = sequence_logprobs(ref[0], ref[1], tokens, attention_mask,
-                                             response_len=cfg.max_new_tokens,
-                                             temperature=cfg.loss.temperature,
-                                             chunk=cfg.loss.logprob_chunk)
+                ref_logp = packed_sequence_logprobs(ref[0], ref[1], batch, temperature=cfg.loss.temperature,
+                                                    chunk=cfg.loss.logprob_chunk,
+                                                    max_segments=cfg.loss.max_segments)
+                batch = batch._replace(ref_logp=jax.block_until_ready(ref_logp))
             t_ref = time.perf_counter() - t1
-            batch = Batch(tokens, attention_mask, placement.put(packed["response_mask"]),
-                          placement.put(packed["old_logp"]), ref_logp, placement.put(adv[placement.rows]))
             t2 = time.perf_counter()
             state, metrics = train_step(graphdef, state, batch, tx=tx, cfg=cfg.loss)
             metrics = {k: float(multihost.host_array(v)) for k, v in metrics.items()}
@@ -274,7 +379,7 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
                     f"{workdir / 'checkpoints'}")
             grouped = rewards.reshape(-1, cfg.num_generations)
             lengths = np.asarray([len(c.tokens) for _, c in rows], np.float32)
-            train_tokens = float(sum(len(it.prompt_tokens) + len(c.tokens) for it, c in rows))
+            train_tokens = float(layout.real_tokens)
             row = dict(
                 reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                 accuracy=float((rewards > 0).mean()),
@@ -282,6 +387,8 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
                 response_length=float(lengths.mean()),
                 sample_tokens_per_s=float(lengths.sum() / max(t_sample, 1e-9)),
                 train_tokens_per_s=train_tokens / max(t_update, 1e-9),
+                generate_calls=float(gen_stats["calls"]), micro_batches=float(layout.num_micro),
+                packing_efficiency=train_tokens / max(layout.padded_tokens, 1),
                 time_sample=t_sample, time_ref_logprobs=t_ref, time_update=t_update,
                 time_step=time.perf_counter() - t0, **metrics)
             if cfg.peak_flops:
@@ -290,7 +397,7 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
             history.append(dict(step=step + 1, **row))
             log(f"step {step + 1}/{cfg.steps}  reward {row['reward_mean']:.3f}  kl {row.get('kl', 0):.4f}  "
                 f"clip {row['pg_clipfrac']:.3f}  len {row['response_length']:.0f}  "
-                f"{row['time_step']:.1f}s (sample {t_sample:.1f}s, update {t_update:.1f}s)")
+                f"{row['time_step']:.1f}s (sample {t_sample:.1f}s, ref {t_ref:.1f}s, update {t_update:.1f}s)")
             ckpt.save(step + 1, state, force=step + 1 == cfg.steps)
             if on_step_end is not None:
                 on_step_end(step + 1, row)
@@ -298,6 +405,12 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
         ckpt.close()
         writer.close()
     return nnx.merge(graphdef, state.params), history
+
+
+def read_plan(workdir: str | os.PathLike) -> dict | None:
+    """The plan a GRPO stage recorded in `workdir / "plan.json"` (None before it ran)."""
+    path = Path(workdir) / "plan.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def earlier_history(path: str | os.PathLike, upto: int) -> list[dict]:

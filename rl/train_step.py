@@ -1,15 +1,28 @@
-"""The jitted GRPO update: remat forward, response logprobs, loss, accumulated grads, AdamW.
+"""The jitted GRPO update: remat forward, fused response logprobs, loss, accumulated grads, AdamW.
 
-A mini-batch is packed as prompt (left-padded to Sp) + response (right-padded
-to R) rows of length L = Sp + R. Micro-batches run in a `lax.scan`; each
-contributes numerator_k / D with D the loss denominator of the whole
-mini-batch, so the summed gradient is exactly that of the one big batch.
+Two batch layouts:
+
+- `Batch`: unpacked rows of prompt (left-padded to Sp) + response (right-padded
+  to R), L = Sp + R; fixed micro-batches of `micro_batch_size` rows in a
+  `lax.scan`.
+- `PackedBatch` (rl/packing.py, what the GRPO loop uses): sequences packed by
+  length into rows of `pack_len` tokens with segment ids; a `fori_loop` over
+  the batch's `num_micro` micro-batches (a traced count: no recompilation when
+  it changes between steps).
+
+Either way each micro-batch contributes numerator_k / D with D the loss
+denominator of the whole mini-batch, so the summed gradient is exactly that of
+the one big batch.
 
 Precision: master weights and optimizer state in `param_dtype` (fp32 by
-default), matmuls in the model's compute dtype (bf16 for speed), logits,
-log-softmax and the loss in fp32. Parameters and optimizer state keep the
-model's logical-axis sharding (FSDP over "fsdp", heads/MLP over "tensor");
-the batch is sharded over ("data", "fsdp").
+default); the matrices are cast to the model's compute dtype once per step,
+before the micro-batch loop (`compute_params`); logits, log-softmax and the loss
+in fp32, through the fused LM head (rl/logprobs.py) that never holds [B, T, V]
+logits. A step whose loss or gradient norm is not finite skips the optimizer
+update through `lax.cond` (the state passes through untouched, no select over
+every leaf). Parameters and optimizer state keep the model's logical-axis
+sharding (FSDP over "fsdp", heads/MLP over "tensor"); the batch is sharded over
+("data", "fsdp").
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from models.transformer import Transformer, forward_hidden, unembed_weights
 from rl import grpo
+from rl.logprobs import token_logprobs
+from rl.packing import PackedBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +67,7 @@ class LossConfig:
     temperature: float = 1.0  # logits are divided by the rollout temperature, as in verl
     micro_batch_size: int = 8
     logprob_chunk: int = 256  # response tokens per logits chunk (the [*, V] logits never exist whole)
+    max_segments: int = 32    # sequences per packed row at most (static shape of cuDNN's packed layout)
 
 
 class Batch(NamedTuple):
@@ -79,13 +95,25 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def compute_params(graphdef, params):
+    """The parameters as the forward uses them: matrices cast to the compute dtype once
+    (outside any micro-batch loop), norms and the embedding table kept in their own
+    precision (the embedding's scatter-add gradient then sums in fp32)."""
+    dtype = nnx.merge(graphdef, params).config.jnp_dtype
+
+    def cast(path, x):
+        keep = x.ndim < 2 or "embed_vd" in jax.tree_util.keystr(path)
+        return x if keep else x.astype(dtype)
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def response_logprobs(model: Transformer, tokens: jax.Array, attention_mask: jax.Array,
                       response_len: int, temperature: float, chunk: int,
                       with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """Per-token logprobs [B, R] of the response part of packed rows (fp32).
+    """Per-token logprobs [B, R] of the response part of unpacked rows (fp32).
 
-    The unembedding + log-softmax runs over chunks of the response under
-    `jax.checkpoint`, so neither the forward nor the backward holds [B, R, V].
+    The unembedding + log-softmax is fused (rl.logprobs.token_logprobs): chunks of
+    `chunk` tokens, its own VJP, no [B, R, V] logits in either pass.
     """
     hidden = forward_hidden(model, tokens, attention_mask)
     b, total = tokens.shape
@@ -93,29 +121,17 @@ def response_logprobs(model: Transformer, tokens: jax.Array, attention_mask: jax
     h = hidden[:, sp - 1:total - 1]          # positions that predict the response tokens
     targets = tokens[:, sp:]
     w = unembed_weights(model).astype(model.config.jnp_dtype)
-    chunk = min(chunk, response_len)
-    pad = -response_len % chunk
-    if pad:
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n_chunks = (response_len + pad) // chunk
-    h = h.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
-    targets = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(args):
-        hc, tc = args
-        logits = jnp.einsum("BTD,DV->BTV", hc, w, preferred_element_type=jnp.float32) / temperature
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        lp = jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
-        ent = (jax.lax.stop_gradient(grpo.entropy_from_logits(logits)) if with_entropy
-               else jnp.zeros_like(lp))
-        return lp, ent
-
-    lp, ent = jax.lax.map(one, (h, targets))
-    lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
-    ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :response_len]
+    lp, ent = token_logprobs(h, w, targets, temperature, chunk)
     return lp, (ent if with_entropy else None)
+
+
+def packed_logprobs(model: Transformer, tokens, positions, segment_ids, targets, temperature: float,
+                    chunk: int, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """(logprob of targets, entropy), both [Bm, L] fp32, for packed rows (rl.packing)."""
+    hidden = forward_hidden(model, tokens, positions=positions, segment_ids=segment_ids,
+                            max_segments=max_segments)
+    w = unembed_weights(model).astype(model.config.jnp_dtype)
+    return token_logprobs(hidden, w, targets, temperature, chunk)
 
 
 def _split_micro(x, num_micro: int):
@@ -135,7 +151,7 @@ def loss_and_grads(graphdef, params, batch: Batch, cfg: LossConfig):
     use_ref = cfg.kl_coef != 0
 
     def micro_loss(p, micro: Batch):
-        model = nnx.merge(graphdef, p)
+        model = nnx.merge(graphdef, p)  # p: compute_params, cast once per step
         logp, ent = response_logprobs(model, micro.tokens, micro.attention_mask, r,
                                       cfg.temperature, cfg.logprob_chunk, with_entropy=True)
         num, _, sums = grpo.policy_loss_terms(
@@ -151,19 +167,75 @@ def loss_and_grads(graphdef, params, batch: Batch, cfg: LossConfig):
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     micro_batches = Batch(*(_split_micro(x, num_micro) for x in batch))
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    cparams = compute_params(graphdef, params)
 
     def body(carry, micro):
         grads_acc, sums_acc = carry
-        (_, sums), grads = grad_fn(params, micro)
+        (_, sums), grads = grad_fn(cparams, micro)
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
         sums_acc = grpo.accumulate_metric_sums(sums_acc, sums)
         return (grads_acc, sums_acc), None
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    sums_shape = jax.eval_shape(grad_fn, params, first)[0][1]
-    sums0 = {k: jnp.full(v.shape, jnp.inf if k == "ratio_min" else -jnp.inf if k == "ratio_max" else 0.0,
-                         v.dtype) for k, v in sums_shape.items()}
+    sums0 = _initial_sums(jax.eval_shape(grad_fn, cparams, first)[0][1])
     (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), micro_batches)
+    metrics = grpo.finalize_metrics(sums)
+    metrics["entropy"] = sums["entropy"] / jnp.maximum(sums["n_tokens"], 1.0)
+    metrics["logp_diff_abs"] = sums["logp_diff_abs"] / jnp.maximum(sums["n_tokens"], 1.0)
+    return grads, metrics
+
+
+def _initial_sums(shapes) -> dict:
+    return {k: jnp.full(v.shape, jnp.inf if k == "ratio_min" else -jnp.inf if k == "ratio_max" else 0.0,
+                        v.dtype) for k, v in shapes.items()}
+
+
+def packed_loss_and_grads(graphdef, params, batch: PackedBatch, cfg: LossConfig):
+    """`loss_and_grads` over packed micro-batches (rl.packing): a loop over the
+    batch's `num_micro` micro-batches (a dynamic count, so no recompilation when it
+    changes), each contributing (sum of weight * per-token loss) / D to the loss."""
+    if cfg.kl_coef != 0 and batch.ref_logp is None:
+        raise ValueError(f"kl_coef={cfg.kl_coef} needs reference logprobs (PackedBatch.ref_logp is None)")
+    use_ref = cfg.kl_coef != 0
+    denominator = batch.denominator
+    weighted_only = cfg.agg != "token-mean"  # token-mean weights are the response mask itself
+
+    def micro_loss(p, micro: PackedBatch):
+        model = nnx.merge(graphdef, p)
+        logp, ent = packed_logprobs(model, micro.tokens, micro.positions, micro.segment_ids,
+                                    micro.targets, cfg.temperature, cfg.logprob_chunk, cfg.max_segments)
+        ref = micro.ref_logp if use_ref else None
+        terms = functools.partial(
+            grpo.policy_loss_terms, logp, micro.old_logp, ref, micro.advantages,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+            kl_coef=cfg.kl_coef if use_ref else 0.0, kl_estimator=cfg.kl_estimator, agg="token-mean")
+        num, _, weighted = terms(micro.loss_weight)
+        sums = terms(micro.response_mask)[2] if weighted_only else dict(weighted)
+        for k in ("loss", "pg_loss", "kl"):
+            sums[k] = weighted[k]
+        sums["denominator"] = jnp.zeros((), jnp.float32)
+        m = micro.response_mask
+        sums["entropy"] = jnp.sum(ent * m)
+        sums["logp_diff_abs"] = jnp.sum(jnp.where(m > 0, jnp.abs(logp - micro.old_logp), 0.0))
+        return num / jnp.maximum(denominator, 1e-9), sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    cparams = compute_params(graphdef, params)
+    fields = batch._replace(num_micro=None, denominator=None)
+
+    def micro_at(i):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), fields)
+
+    def body(i, carry):
+        grads_acc, sums_acc = carry
+        (_, sums), grads = grad_fn(cparams, micro_at(i))
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+        return grads_acc, grpo.accumulate_metric_sums(sums_acc, sums)
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    sums0 = _initial_sums(jax.eval_shape(grad_fn, cparams, jax.eval_shape(micro_at, 0))[0][1])
+    grads, sums = jax.lax.fori_loop(0, batch.num_micro, body, (zeros, sums0))
+    sums["denominator"] = denominator
     metrics = grpo.finalize_metrics(sums)
     metrics["entropy"] = sums["entropy"] / jnp.maximum(sums["n_tokens"], 1.0)
     metrics["logp_diff_abs"] = sums["logp_diff_abs"] / jnp.maximum(sums["n_tokens"], 1.0)
@@ -202,27 +274,38 @@ def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tu
     return graphdef, TrainState(params, opt_state, step)
 
 
-def train_step(graphdef, state: TrainState, batch: Batch, *, tx: optax.GradientTransformation,
-               cfg: LossConfig) -> tuple[TrainState, dict]:
-    """One GRPO update (jitted; the state is donated and comes back in the same shardings)."""
+def train_step(graphdef, state: TrainState, batch: Batch | PackedBatch, *,
+               tx: optax.GradientTransformation, cfg: LossConfig) -> tuple[TrainState, dict]:
+    """One GRPO update (jitted; the state is donated and comes back in the same shardings).
+
+    `batch` is either unpacked rows (Batch, fixed micro-batches of cfg.micro_batch_size
+    rows) or packed micro-batches (PackedBatch, see rl.packing).
+    """
     shardings = tuple(x.sharding for x in jax.tree.leaves(state))
     return _train_step(graphdef, state, batch, tx=tx, cfg=cfg, state_shardings=shardings)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx", "cfg", "state_shardings"),
                    donate_argnames=("state",))
-def _train_step(graphdef, state: TrainState, batch: Batch, *, tx: optax.GradientTransformation,
+def _train_step(graphdef, state: TrainState, batch, *, tx: optax.GradientTransformation,
                 cfg: LossConfig, state_shardings: tuple) -> tuple[TrainState, dict]:
-    grads, metrics = loss_and_grads(graphdef, state.params, batch, cfg)
+    if isinstance(batch, PackedBatch):
+        grads, metrics = packed_loss_and_grads(graphdef, state.params, batch, cfg)
+    else:
+        grads, metrics = loss_and_grads(graphdef, state.params, batch, cfg)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # A non-finite step leaves the state untouched; the loop stops on metrics["finite"].
     keep = metrics["finite"]
-    params = jax.tree.map(lambda new, old: jnp.where(keep, new, old).astype(old.dtype),
-                          params, state.params)
-    opt_state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt_state, state.opt_state)
+
+    # A non-finite step leaves the state untouched (the loop stops on metrics["finite"]).
+    # The branch not taken is not run, and the state's donated buffers pass through it.
+    def update(operand):
+        params, opt_state = operand
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(keep, update, lambda operand: operand,
+                                     (state.params, state.opt_state))
     new_state = TrainState(params, opt_state, state.step + keep.astype(jnp.int32))
     if any(isinstance(sh, NamedSharding) for sh in state_shardings):
         # Pin every output to its input's sharding: left to propagation, XLA may
@@ -240,5 +323,22 @@ train_step._cache_size = _train_step._cache_size  # compiled variants, for tests
 def sequence_logprobs(graphdef, params, tokens, attention_mask, *, response_len: int,
                       temperature: float = 1.0, chunk: int = 256) -> jax.Array:
     """Response logprobs without gradients: reference model, or old logprobs off-policy."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, compute_params(graphdef, params))
     return response_logprobs(model, tokens, attention_mask, response_len, temperature, chunk)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk", "max_segments"))
+def packed_sequence_logprobs(graphdef, params, batch: PackedBatch, *, temperature: float = 1.0,
+                             chunk: int = 256, max_segments: int = 32) -> jax.Array:
+    """Logprobs of `batch.targets` [M, Bm, L] without gradients, micro-batch by micro-batch
+    in the packing of the update (the reference pass); entries past num_micro are 0."""
+    model = nnx.merge(graphdef, compute_params(graphdef, params))
+
+    def body(i, out):
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)  # noqa: E731
+        lp, _ = packed_logprobs(model, take(batch.tokens), take(batch.positions), take(batch.segment_ids),
+                                take(batch.targets), temperature, chunk, max_segments)
+        return jax.lax.dynamic_update_index_in_dim(out, lp, i, 0)
+
+    out = jnp.zeros(batch.tokens.shape, jnp.float32)
+    return jax.lax.fori_loop(0, batch.num_micro, body, out)

@@ -129,3 +129,49 @@ def test_bad_config(tmp_path):
     with pytest.raises(ValueError, match="no RL items"):
         run_grpo(models.init_model(cfg, seed=0), [], low_token_reward, rc, tmp_path)
 
+
+
+# --- the memory plan and sub-batched sampling ------------------------------------------------
+
+def test_sub_batched_sampling_is_generate_per_call_and_one_call_is_one_big_generate():
+    from medssr_jax.sampler import generate
+    from rl.loop import call_seed, sample_in_calls
+
+    cfg, items, _ = _setup(1)
+    model = models.init_model(cfg, seed=0)
+    prompts = [it.prompt_tokens for it in items[:8]]
+    kw = dict(n=4, max_new_tokens=6, temperature=1.0, eos_ids=[3], chunk_size=4, progress=False)
+
+    def flat(groups):
+        return [(c.tokens, np.round(c.logprobs, 5).tolist()) for g in groups for c in g]
+
+    whole, stats = sample_in_calls(model, prompts, prompts_per_call=8, step_seed=11, **kw)
+    assert stats["calls"] == 1 and flat(whole) == flat(generate(model, prompts, seed=11, **kw))
+    parts, stats = sample_in_calls(model, prompts, prompts_per_call=2, step_seed=11, **kw)
+    assert stats["calls"] == 4 and len(parts) == 8 and all(len(g) == 4 for g in parts)
+    want = [g for k in range(4) for g in generate(model, prompts[2 * k:2 * k + 2], seed=call_seed(11, k), **kw)]
+    assert flat(parts) == flat(want)
+    # documented difference: another draw than one big call, but reproducible
+    assert flat(parts) != flat(whole)
+    assert flat(sample_in_calls(model, prompts, prompts_per_call=2, step_seed=11, **kw)[0]) == flat(parts)
+    assert len({call_seed(11, k) for k in range(4)} | {call_seed(12, 0)}) == 5
+
+
+def test_plan_is_recorded_and_a_plan_that_cannot_fit_stops_with_one_line(tmp_path):
+    from rl.loop import read_plan
+    from rl.plan import PlanError
+
+    cfg, items, rc = _setup(1, prompts_per_call=2, device_memory_gb=1.0)
+    logs = []
+    _, hist = run_grpo(models.init_model(cfg, seed=0), items, low_token_reward, rc, tmp_path / "ok",
+                       eos_ids=[], log=logs.append)
+    plan = read_plan(tmp_path / "ok")
+    assert plan["prompts_per_call"] == 2 and plan["generate_calls"] == 4
+    assert plan["pack_len"] == 128 and plan["rows_per_micro"] >= 1
+    assert hist[0]["generate_calls"] == 4 and 0 < hist[0]["packing_efficiency"] <= 1
+    assert logs[0].startswith("GRPO plan: ") and "per generate call" in logs[0]
+    _, small, too_small = _setup(1, device_memory_gb=1e-4)
+    with pytest.raises(PlanError) as e:
+        run_grpo(models.init_model(cfg, seed=0), small, low_token_reward, too_small, tmp_path / "no",
+                 eos_ids=[], log=lambda s: None)
+    assert "\n" not in str(e.value) and "param_dtype" in str(e.value)
