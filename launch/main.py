@@ -73,6 +73,8 @@ flags.DEFINE_integer("max_new_tokens", None, "New tokens per sampled answer when
 flags.DEFINE_float("temperature", None, "GRPO rollout temperature (preset default 1.0).")
 flags.DEFINE_integer("steps", None, "GRPO steps of each RL stage.")
 flags.DEFINE_integer("num_generations", None, "GRPO responses per prompt.")
+flags.DEFINE_float("device_memory_gb", None, "GRPO memory plan: memory per device in GB (default: the "
+                   "backend's figure; host RAM on a CPU).")
 flags.DEFINE_list("skip_stages", None, "Stages --stage=all leaves out, e.g. rl_self (the ablation without "
                   "the self-supervised stage: stage 2 starts from the base policy).")
 flags.DEFINE_enum("rl_mode", None, ["two_stage", "mixed"], "two_stage: rl_self then rl_sup (the paper); "
@@ -131,7 +133,8 @@ def build_config():
         eval_allow_partial=FLAGS.eval_allow_partial).items() if v is not None}
     cfg = pipeline_preset(FLAGS.config, **overrides, **tuples)
     rl_over = {k: v for k, v in dict(num_generations=FLAGS.num_generations, max_new_tokens=FLAGS.max_new_tokens,
-                                     temperature=FLAGS.temperature, steps=FLAGS.steps).items() if v is not None}
+                                     temperature=FLAGS.temperature, steps=FLAGS.steps,
+                                     device_memory_gb=FLAGS.device_memory_gb).items() if v is not None}
     if rl_over:
         def update(rl):
             rl = dataclasses.replace(rl, **rl_over)

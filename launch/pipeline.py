@@ -458,8 +458,10 @@ class Pipeline:
         models.save_pretrained(trained, mcfg, out / "model")
         if is_main():
             write_json_atomic(out / "history.json", history)
+        from rl.loop import read_plan
         return dict(outputs={"model": "model", "history": "history.json"},
                     summary={"steps": len(history), "items": len(items), "dropped_long_prompts": len(over),
+                             "plan": read_plan(out),
                              "start_policy": start_from or "base",
                              "reward_first": history[0]["reward_mean"] if history else None,
                              "reward_last": history[-1]["reward_mean"] if history else None, **(summary or {})})

@@ -172,6 +172,18 @@ def write_report(workdir: str | os.PathLike, title: str = "medssr-jax run") -> P
                 lines.append(f"| {stage} | {h['step']} | {h['reward_mean']:.3f} | {h.get('accuracy', 0):.3f} | "
                              f"{h.get('kl', 0):.4f} | {h['pg_clipfrac']:.3f} | {h['response_length']:.0f} | "
                              f"{h['time_step']:.1f} |")
+        for stage in ("rl_self", "rl_sup", "rl_mixed"):
+            summ = (manifests.get(stage) or {}).get("summary") or {}
+            if summ.get("sources"):
+                lines += ["", f"{stage} questions by source: " + "; ".join(
+                    f"{name} {c['used']} of {c['read']}" + (f" (cap {c['cap']})" if c.get("cap") else "")
+                    for name, c in summ["sources"].items())]
+            plan = summ.get("plan")
+            if plan:
+                lines += ["", f"{stage} memory plan: {plan.get('prompts_per_call')} prompts per generate call "
+                          f"({plan.get('generate_calls')} calls per step), {plan.get('rows_per_micro')} packed rows "
+                          f"of {plan.get('pack_len')} tokens per micro-batch, remat {plan.get('remat')}, peak "
+                          f"{plan.get('peak_bytes', 0) / 2 ** 30:.1f} GiB per device."]
         if plot_reward_curves(histories, root / "reward_curves.png"):
             lines += ["", "![reward per step](reward_curves.png)"]
 
