@@ -192,12 +192,18 @@ def reference_bytes_per_token(cfg: ModelConfig, attention_impl: str, pack_len: i
 
 def _largest_fitting_prompts(limit: int, prompts_per_step: int, data_shards: int) -> int:
     """Largest prompt count <= limit that divides prompts_per_step, is a multiple of the
-    data shards and is a sampler bucket (so no call pads its prompts); 0 if none."""
+    data shards and is a sampler bucket (so no call pads its prompts); else the largest
+    multiple of the shards; else the largest divisor of prompts_per_step; 0 if none."""
     for p in range(min(limit, prompts_per_step), 0, -1):
         if prompts_per_step % p == 0 and p % data_shards == 0 and _bucket_ok(p):
             return p
     for p in range(min(limit, prompts_per_step), 0, -1):
         if p % data_shards == 0:
+            return p
+    # fewer prompts per step than data shards (small runs on many devices): the sampler
+    # pads the prompt batch to its bucket, so any divisor of the step will do
+    for p in range(min(limit, prompts_per_step), 0, -1):
+        if prompts_per_step % p == 0:
             return p
     return 0
 
