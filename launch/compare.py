@@ -23,10 +23,15 @@ from launch.report import comparison_table, evaluations, method_settings
 from launch.rundir import RunDir, write_json_atomic
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Directory for comparison.md / .json / .png (default: the current directory).")
-flags.DEFINE_enum("policy", "final", ["final", "base", "rl_self", "rl_sup", "rl_mixed"],
-                  "Which evaluated policy of each run: final = the latest trained one it evaluated.")
-flags.DEFINE_boolean("with_base", True, "Add the first run's base model as a column.")
+
+
+def define_flags() -> None:
+    """The command line's flags; defined when run as a program only, so importing
+    :func:`compare` next to other absl programs (tests) clashes with none of theirs."""
+    flags.DEFINE_string("out", None, "Directory for comparison.md / .json / .png (default: the current directory).")
+    flags.DEFINE_enum("policy", "final", ["final", "base", "rl_self", "rl_sup", "rl_mixed"],
+                      "Which evaluated policy of each run: final = the latest trained one it evaluated.")
+    flags.DEFINE_boolean("with_base", True, "Add the first run's base model as a column.")
 
 FINAL_ORDER = ("rl_sup", "rl_mixed", "rl_self")
 
@@ -110,4 +115,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -108,6 +108,12 @@ def test_without_the_self_supervised_stage_and_single_stage_mixed(labelled, tmp_
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no evaluation results"):
         compare([labelled], tmp_path / "cmp2")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "launch.compare", str(no_self), str(mixed), "--policy=base",
+                           f"--out={tmp_path / 'cli'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| benchmark | no_self (base) | mixed (base) |" in (tmp_path / "cli" / "comparison.md").read_text()
 
 
 def test_stage2_reads_several_sources_with_caps(tmp_path):
