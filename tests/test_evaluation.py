@@ -1,5 +1,6 @@
-"""Benchmark evaluation: scoring, the recovery pass, reporting, and greedy agreement with
-transformers on real SmolLM2 weights and real MedQA questions."""
+"""Benchmark evaluation: the legacy protocol's scoring, recovery and reporting on scripted
+generations, and the MedSSR protocol against the harness's transcription, including
+agreement with transformers (+ the harness's logit bias) on real SmolLM2 weights."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import numpy as np
 import pytest
 
 import models
-from medssr_jax.answers import parse_options
 from medssr_jax.evaluation import (
     ANSWER_SUFFIX,
     build_prompt,
@@ -23,7 +23,6 @@ from medssr_jax.evaluation import (
     greedy_predictions,
     option_letter_ids,
     recovery_context,
-    recovery_letters,
     restricted_argmax,
     write_results,
 )
@@ -282,90 +281,12 @@ def test_write_results(tiny, tok, tmp_path):
     assert body[1] == "| yesno | 1 | 100.00 ± 0.00 | 0.00 | 0 |"
 
 
-# --- real SmolLM2 weights against transformers -----------------------------------------------
-
 def _eval_dir() -> Path:
     d = Path(os.environ.get("MEDSSR_EVAL_DIR") or Path(__file__).resolve().parents[1] / "../shared/data/medssr-eval")
     if not (d / "medqa.json").is_file():
         pytest.fail(f"MedSSR evaluation data not found: {d / 'medqa.json'} does not exist; "
                     "set MEDSSR_EVAL_DIR to the folder holding medqa.json")
     return d
-
-
-def _benchmark_records(n, name="medqa"):
-    """The first n records of a benchmark whose options parse_options reads (a few questions
-    in the MedQA file end with a stray '"' line after the options; they are skipped here)."""
-    out = []
-    for row in json.loads((_eval_dir() / f"{name}.json").read_text()):
-        try:
-            stem, options = parse_options(row["question"])
-        except ValueError:
-            continue
-        out.append(Rec(row["id"], stem, options, row["gold"], row["name"]))
-        if len(out) == n:
-            break
-    return out
-
-
-@pytest.mark.real_assets
-def test_smollm2_greedy_agrees_with_transformers():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("gguf")
-    from transformers import GenerationConfig
-
-    from medssr_jax import assets
-    from medssr_jax.answers import extract_answer
-    from models.gguf import tokenizer_from_gguf
-    from tests.test_smollm2 import load_transformers
-
-    new_tokens = 48
-    benchmarks = ("medqa", "medmcqa", "mmlu", "pubmedqa", "bioasq", "medbullets")
-    by_bench = {b: _benchmark_records(2, b) for b in benchmarks}
-    records = [r for recs in by_bench.values() for r in recs]
-    assert {len(r.options) for r in records} >= {2, 3, 4, 5}
-    letters_of = {r.id: recovery_letters(by_bench[b]) for b in benchmarks for r in by_bench[b]}
-    path = assets.smollm2_gguf()
-    tokenizer = tokenizer_from_gguf(path)
-    ours, _ = models.from_pretrained(path, dtype="float32")
-    items = [it for b in benchmarks  # recovery is restricted to each benchmark's letters
-             for it in greedy_predictions(ours, tokenizer, by_bench[b], template="smollm2",
-                                          max_new_tokens=new_tokens, benchmark=b)]
-    assert [it["id"] for it in items] == [r.id for r in records]
-
-    # transformers on the same prompt tokens: batched greedy generate, left padding
-    hf = load_transformers(path)
-    eos = [2, 0]  # <|im_end|>, <|endoftext|>: the config's EOS plus the template's stop tokens
-    prompts = [encode_prompt(tokenizer, build_prompt(r, "smollm2")) for r in records]
-    s = max(map(len, prompts))
-    ids = np.full((len(prompts), s), 2, np.int64)
-    mask = np.zeros((len(prompts), s), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, s - len(p):], mask[i, s - len(p):] = p, 1
-    gc = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=2, eos_token_id=eos)
-    with torch.no_grad():
-        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), generation_config=gc)[:, s:].tolist()
-
-    lt = option_letter_ids(tokenizer, "ABCDE")
-    assert lt.merged_space and tokenizer.decode([lt.ids["A"]]) == " A"
-    assert tokenizer.decode(lt.suffix_ids) == "\nThe answer is"
-    agree = 0
-    for r, it, prompt, theirs in zip(records, items, prompts, out):
-        end = next((k + 1 for k, t in enumerate(theirs) if t in eos), len(theirs))
-        theirs = theirs[:end]
-        text = tokenizer.decode([t for t in theirs if t not in eos], skip_special_tokens=True)
-        pred = extract_answer(text, "".join(r.options))
-        if pred is None:  # recovery, with transformers' logits
-            ctx = recovery_context(prompt, theirs, lt.suffix_ids, 8192, eos)
-            with torch.no_grad():
-                logits = hf(torch.tensor([ctx])).logits[0, -1].double().numpy()
-            letters = letters_of[r.id]
-            pred = letters[int(np.argmax(logits[[lt.ids[x] for x in letters]]))]
-        assert it["texts"][0] == text, r.id
-        assert it["predictions"][0] == pred, (r.id, text)
-        agree += it["predictions"][0] == pred
-    print(f"\nSmolLM2 greedy agreement with transformers: {agree}/{len(records)} predictions; "
-          f"recovered {sum(it['recovered'][0] for it in items)}; predictions "
-          f"{[it['predictions'][0] for it in items]} gold {[r.answer for r in records]}")
 
 
 # --- the MedSSR protocol: evaluate_medssr against the harness's transcription --------------
