@@ -166,16 +166,19 @@ def test_expired_and_live_leases(tmp_path):
 
 
 def test_heartbeat_keeps_the_lease_and_a_taken_lease_stops_the_run(tmp_path):
-    lock = fast_lock(tmp_path, "lease", ttl=0.4, settle=0).acquire()
+    # a TTL of 2 s (heartbeat every 0.5 s) leaves a loaded 2-core machine slack to schedule the thread
+    lock = fast_lock(tmp_path, "lease", ttl=2.0, settle=0).acquire()
     first = json.loads((tmp_path / LEASE_NAME).read_text())
-    time.sleep(0.6)  # past the TTL: only the heartbeat (every 0.1 s) keeps it alive
+    time.sleep(2.5)  # past the TTL: only the heartbeat keeps it alive
     now = json.loads((tmp_path / LEASE_NAME).read_text())
-    assert now["token"] == first["token"] and now["heartbeat"] > first["heartbeat"] + 0.3
+    assert now["token"] == first["token"] and now["heartbeat"] > first["heartbeat"] + 1.0
     assert not lock._expired(now)
     lock.check()  # still ours
     now.update(token="e" * 32, host="other-host", pid=999)  # another run takes it over
     rundir.write_json_atomic(tmp_path / LEASE_NAME, now)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # the next heartbeat notices
+    while lock.lost is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert lock.lost is not None and lock.lost["pid"] == 999
     with pytest.raises(RunDirLocked, match=rf"^{re.escape(str(tmp_path))}: the lease on this run directory was "
                                            rf"taken over by host other-host, pid 999, {SINCE} while this run "
