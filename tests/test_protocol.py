@@ -26,8 +26,8 @@ SIX = ("bioasq", "medbullets", "medmcqa", "medqa", "mmlu", "pubmedqa")
 def _eval_files():
     d = eval_dir()
     if not all((d / f"{n}.json").is_file() for n in SIX):
-        pytest.skip(f"the six MedSSR benchmark files are not in {d} (set MEDSSR_EVAL_DIR; default "
-                    f"{DEFAULT_EVAL_DIR})")
+        pytest.fail(f"the six MedSSR benchmark files are not in {d}: set MEDSSR_EVAL_DIR to the folder "
+                    f"holding them (default {DEFAULT_EVAL_DIR})")
     return {n: json.loads((d / f"{n}.json").read_text()) for n in SIX}
 
 
