@@ -136,6 +136,7 @@ class Pipeline:
         self._mesh = None
         self._model_input = None
         self._holdout = None
+        self._benchmark_files = None
 
     # --- models ---------------------------------------------------------------
     def check_inputs(self, stages=STAGES) -> None:
@@ -556,7 +557,10 @@ class Pipeline:
     def benchmark_files(self):
         """The benchmark files of --benchmarks as the harness reads them, each
         filtered and sampled as the preset says; the held-out seed and stage-2
-        questions are left out of the file they came from."""
+        questions are left out of the file they came from. Read once per run, whatever the
+        number of policies evaluated."""
+        if self._benchmark_files is not None:
+            return self._benchmark_files
         from medssr_jax.data import benchmark_files, eval_dir, read_benchmark_file
         cfg = self.cfg
         held_out, holdout_file = set(), None
@@ -588,6 +592,7 @@ class Pipeline:
             files.append(bf)
         if not files:
             raise ValueError(f"no benchmark file has records with {cfg.eval_filter!r} set")
+        self._benchmark_files = files
         return files
 
     def benchmark_records(self) -> dict[str, list]:
