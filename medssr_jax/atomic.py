@@ -70,6 +70,14 @@ def _commit(tmp: str, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def _abandon(tmp: str, path: Path, error: BaseException) -> None:
+    """Remove the temporary file of a failed write; an OS error is raised again naming `path`."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    if isinstance(error, OSError) and not str(error).startswith(f"{path}: "):
+        raise _named(error, path) from error
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """A file object whose contents replace `path` when the block ends without an error."""
@@ -83,10 +91,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             os.fsync(f.fileno())
         _commit(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and not str(e).startswith(f"{path}: "):
-            raise _named(e, path) from e
+        _abandon(tmp, path, e)
         raise
 
 
@@ -102,10 +107,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         _commit(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and not str(e).startswith(f"{path}: "):
-            raise _named(e, path) from e
+        _abandon(tmp, path, e)
         raise
 
 
