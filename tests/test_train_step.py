@@ -50,7 +50,8 @@ LOSS = LossConfig(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1,
 # warmup 0: the very first step already moves the weights by ~lr. eps 1e-4 instead of 1e-8:
 # Adam's first step is lr * g / (|g| + eps), which for |g| ~ eps turns the float32 noise of
 # near-cancelling gradients (a token absent from the batch gets ~1e-7 +- 4e-10 through the
-# tied unembedding) into update differences of 1e-3 lr; with eps = 1e-4 they stay < 1e-7.
+# tied unembedding) into update differences of 1e-3 lr; with eps = 1e-4 the amplification is at
+# most lr / eps, and comparisons of weights across reduction orders skip the |g| < eps elements.
 TX = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, total_steps=100, eps=1e-4))
 
 # The tests' own gradient programs skip LLVM's optimisation passes: it halves their compile
@@ -106,6 +107,11 @@ def make_batch(graphdef, params, *, seed=0, old_noise=0.0, ref_noise=0.3, with_r
 
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def leaves_tree(tree):
+    """The same tree with host arrays for leaves (nnx.Param wrappers unwrapped)."""
+    return jax.tree.map(np.asarray, tree)
 
 
 def max_abs_diff(a, b) -> float:
@@ -356,8 +362,19 @@ def test_sharded_train_step_matches_single_device():
     assert bool(m1["finite"]) and bool(m8["finite"]) and int(s8.step) == int(s1.step) == 1
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
-    assert_trees_close(s8.params, s1.params, 1e-5, what="params", per_leaf=True)
+    # The gradients: after one step Adam's first moment is (1 - b1) g and its second (1 - b2) g^2.
     assert_trees_close(s8.opt_state, s1.opt_state, 1e-5, what="optimizer state", per_leaf=True)
+    # The weights, where Adam's first step p - lr * g / (|g| + eps) is well conditioned: where
+    # |g| < eps it multiplies the float32 noise of g by up to lr / eps (100x here), and that noise
+    # depends on the reduction order the CPU's vector width gives (a near-cancelling gradient of a
+    # tied-embedding row, 3e-6 +- 2e-8, moves the weight by 3.23e-4 or 3.21e-4); those elements are
+    # held to the first-moment comparison above instead.
+    grads = jax.tree.map(lambda mu: np.abs(np.asarray(mu)) / (1 - 0.9), optax.tree_utils.tree_get(s1.opt_state, "mu"))
+    conditioned = jax.tree.map(lambda g: g >= 1e-4, grads)
+    assert 0.5 < np.mean(np.concatenate([c.ravel() for c in jax.tree.leaves(conditioned)])) < 1
+    assert_trees_close(jax.tree.map(lambda p, c: np.where(c, p, 0), leaves_tree(s8.params), conditioned),
+                       jax.tree.map(lambda p, c: np.where(c, p, 0), leaves_tree(s1.params), conditioned),
+                       1e-5, what="params", per_leaf=True)
     # The step really moved the weights (by ~lr), so the comparison above is not vacuous.
     assert max_abs_diff(s1.params, before) > 5e-3
 
