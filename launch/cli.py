@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from launch import main as pipeline_main
 
@@ -17,7 +17,7 @@ def run() -> None:
     wrapper = sys.modules.get("__main__")
     if wrapper is not None and not getattr(wrapper, "__doc__", None):
         wrapper.__doc__ = pipeline_main.__doc__
-    app.run(pipeline_main.main)
+    pipeline_main.run()
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ class Pipeline:
         self.model_source()
         sources = [("--seeds", self.inputs.seeds)] + [("--real_data", real_source(x)[0]) for x in self.inputs.real_data]
         if "synthesize" in stages:
-            sources += [("--corpus", self.cfg.corpus), ("--retriever_path", self.cfg.retriever_path)]
+            sources += [("--config.corpus", self.cfg.corpus), ("--config.retriever_path", self.cfg.retriever_path)]
         for flag, value in sources:
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{value}: no such file or directory ({flag})")
@@ -166,8 +166,8 @@ class Pipeline:
         if cfg.synth_generator == "api" or (cfg.synth_generator == "auto" and cfg.openai_base_url):
             return "api"
         if cfg.synth_generator == "auto" and not cfg.allow_offline_synthesis:
-            raise ValueError(f"the {cfg.name} preset synthesizes with an LLM endpoint: pass --openai_base_url "
-                             f"(key from OPENAI_API_KEY), or --synth_generator=offline for the offline HPO "
+            raise ValueError(f"the {cfg.name} preset synthesizes with an LLM endpoint: pass --config.openai_base_url "
+                             f"(key from OPENAI_API_KEY), or --config.synth_generator=offline for the offline HPO "
                              f"generator (not the paper's)")
         return "offline"
 
@@ -284,7 +284,7 @@ class Pipeline:
 
         ``minilm``: all-MiniLM-L6-v2 from the asset cache for both sides (mean pooling,
         L2-normalised, 256 tokens as its sentence-transformers config says). ``medcpt``:
-        the MedCPT query and article encoders from --retriever_path (sub-directories
+        the MedCPT query and article encoders from config.retriever_path (sub-directories
         ``query`` and ``article``, or ``MedCPT-Query-Encoder`` / ``MedCPT-Article-Encoder``),
         [CLS] pooling, inner product, 64 query and 512 article tokens."""
         from tokenizers import Tokenizer
@@ -294,7 +294,7 @@ class Pipeline:
 
         def load(d: Path):
             if not (d / "tokenizer.json").is_file():
-                raise FileNotFoundError(f"{d}: no tokenizer.json beside the encoder (--retriever_path)")
+                raise FileNotFoundError(f"{d}: no tokenizer.json beside the encoder (--config.retriever_path)")
             encoder, bcfg = bert.from_pretrained(d)
             tok = Tokenizer.from_file(str(d / "tokenizer.json"))
             tok.no_padding()
@@ -323,7 +323,7 @@ class Pipeline:
 
     def knowledge(self):
         """The HPO rare diseases, the documents retrieval reads (their profiles, plus the
-        passages of --corpus) and a retriever over them (encoders: :meth:`encoders`; index: ScaNN).
+        passages of config.corpus) and a retriever over them (encoders: :meth:`encoders`; index: ScaNN).
 
         Documents are embedded at the article encoder's real length, once, into the
         asset cache (resumable shards, one cache per encoder, length and corpus) and
@@ -574,13 +574,13 @@ class Pipeline:
             if bf.skipped and not cfg.eval_allow_partial:
                 raise ValueError(f"{path}: {sum(bf.skipped.values())} records could not be read "
                                  f"({bf.errors[0]}{' ...' if len(bf.errors) > 1 else ''}); fix the file or "
-                                 f"pass --eval_allow_partial")
+                                 f"pass --config.eval_allow_partial")
             if holdout_file is not None and path.resolve() == holdout_file:
                 held_out = self.holdout()[2]
                 bf.records = [r for r in bf.records if r["id"] not in held_out]
             if cfg.eval_filter:
                 if not any(cfg.eval_filter in r for r in bf.records):
-                    log(f"eval: {path.name} has no {cfg.eval_filter!r} field; left out by --eval_filter")
+                    log(f"eval: {path.name} has no {cfg.eval_filter!r} field; left out by config.eval_filter")
                     continue
                 bf.records = [r for r in bf.records if r.get(cfg.eval_filter) is True]
             k = cfg.eval_items_per_benchmark
@@ -688,7 +688,7 @@ class Pipeline:
         upstream manifest hashes), so changing a later stage's settings does not refuse an
         earlier finished stage. Batch sizes of sampled stages are effective (per device x
         devices), since the sampling seeds follow the batches."""
-        cfg = dataclasses.asdict(self.cfg)
+        cfg = dataclasses.asdict(self.cfg.resolved())  # as run: loss temperature and lr schedule filled in
         policy = ["name", "model", "model_preset", "dtype", "param_dtype", "remat", "chat_template", "mesh",
                   "seed", "eval_protocol"]
         holdout = ["holdout_benchmark", "holdout_seeds", "holdout_real"]
@@ -729,7 +729,7 @@ class Pipeline:
         config = self.stage_config(stage)
         inputs = self.stage_inputs(stage)
         main = is_main()
-        status = self.run.begin(stage, inputs, config, write=main)
+        status = self.run.begin(stage, inputs, config, write=main, record={"run_config": self.cfg.to_dict()})
         multihost.barrier(f"begin:{stage}")
         if status == "skip":
             log(f"{stage}: finished earlier, skipped")

@@ -1,4 +1,9 @@
-"""Pipeline presets: frozen dataclasses; command-line flags only select and override.
+"""Pipeline presets: dataclasses; the command line selects one and overrides any field.
+
+`--config=NAME` picks a preset and `--config.FIELD=VALUE` sets any of its fields,
+nested ones included (`--config.rl_sup.loss.kl_coef=0.01`,
+`--config.rl_self.optim.learning_rate=1e-6`, `--config.mesh=(1,8,1)`), through
+ml_collections' config flags (launch/main.py).
 
 `tiny` (a random tiny model, for tests), `smollm2` (the embedded default on a
 CPU), and the paper's settings `qwen3_8b_base` / `llama31_8b_instruct` with the
@@ -8,15 +13,16 @@ verl GRPO defaults the MedSSR authors used (see ARCHITECTURE.md): 128 prompts x
 rollout temperature 1.0, low_var_kl at 0.005, token-mean aggregation.
 """
 
-from __future__ import annotations
-
+import copy
 import dataclasses
+import json
+from typing import Any
 
 from rl.loop import RLConfig
 from rl.train_step import LossConfig, OptimConfig
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(unsafe_hash=True)  # settable for config flags, hashed by value (see OptimConfig)
 class PipelineConfig:
     name: str
     model: str | None            # HF dir / .gguf / "asset:smollm2"; None: --model is required
@@ -34,7 +40,7 @@ class PipelineConfig:
     synth_generator: str = "auto"           # auto: api with an endpoint, else offline (small presets only)
     allow_offline_synthesis: bool = True    # False (paper presets): offline only when asked for explicitly
     retrieval_k: int = 3
-    retriever: str = "minilm"               # minilm (built in) | medcpt (--retriever_path)
+    retriever: str = "minilm"               # minilm (built in) | medcpt (retriever_path)
     retriever_path: str | None = None       # MedCPT directory with query/ and article/ encoders
     corpus: str | None = None               # JSONL of literature passages beside the HPO profiles
     corpus_max_docs: int | None = None      # None: every HPO disease profile
@@ -76,6 +82,28 @@ class PipelineConfig:
     def replace(self, **kw) -> "PipelineConfig":
         return dataclasses.replace(self, **kw)
 
+    def resolved(self) -> "PipelineConfig":
+        """With the GRPO settings that follow others filled in (RLConfig.resolved)."""
+        return self.replace(rl_self=self.rl_self.resolved(), rl_sup=self.rl_sup.resolved())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as run (resolved), nested configs as dicts, JSON-ready (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self.resolved())))
+
+    def describe(self) -> str:
+        """The resolved configuration, one `path = value` line per field (nested fields dotted),
+        in the form the command line takes (`--config.PATH=VALUE`)."""
+        lines = [f"config {self.name}:"]
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                lines.append(f"  {prefix} = {value!r}")
+        walk("", self.to_dict())
+        return "\n".join(lines)
+
     def validate(self) -> "PipelineConfig":
         """Raise ValueError naming the first setting out of range."""
         checks = [
@@ -83,25 +111,25 @@ class PipelineConfig:
             (self.num_questions >= 1, f"num_questions must be >= 1, got {self.num_questions}"),
             (self.num_votes >= 1, f"num_votes must be >= 1, got {self.num_votes}"),
             (0.0 <= self.label_threshold <= 1.0, f"label_threshold must be in [0, 1], got {self.label_threshold}"),
-            (self.label_max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.label_max_new_tokens}"),
+            (self.label_max_new_tokens >= 1, f"label_max_new_tokens must be >= 1, got {self.label_max_new_tokens}"),
             (self.retrieval_k >= 1, f"retrieval_k must be >= 1, got {self.retrieval_k}"),
-            (self.eval_generations >= 1, f"eval_num_generations must be >= 1, got {self.eval_generations}"),
+            (self.eval_generations >= 1, f"eval_generations must be >= 1, got {self.eval_generations}"),
             (self.eval_temperature >= 0, f"eval_temperature must be >= 0 (0: greedy), got {self.eval_temperature}"),
             (0 < self.eval_top_p <= 1, f"eval_top_p must be in (0, 1], got {self.eval_top_p}"),
             (self.eval_top_k >= 0, f"eval_top_k must be >= 0 (0: off), got {self.eval_top_k}"),
             (self.eval_max_new_tokens >= 1, f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}"),
             (self.eval_items_per_benchmark is None or self.eval_items_per_benchmark >= 1,
-             f"eval_items must be >= 1, got {self.eval_items_per_benchmark}"),
+             f"eval_items_per_benchmark must be >= 1, got {self.eval_items_per_benchmark}"),
             (self.eval_protocol in ("medssr", "legacy"),
              f"eval_protocol must be medssr or legacy, got {self.eval_protocol!r}"),
             (self.label_keep in ("gt", "ge"), f"label_keep must be gt or ge, got {self.label_keep!r}"),
             (self.synth_generator in ("auto", "api", "offline"),
              f"synth_generator must be auto, api or offline, got {self.synth_generator!r}"),
             (self.synth_generator != "api" or bool(self.openai_base_url),
-             "synth_generator=api needs --openai_base_url"),
+             "synth_generator=api needs --config.openai_base_url"),
             (self.retriever in ("minilm", "medcpt"), f"retriever must be minilm or medcpt, got {self.retriever!r}"),
             (self.retriever != "medcpt" or bool(self.retriever_path),
-             "retriever=medcpt needs --retriever_path (a directory with the MedCPT query and article encoders)"),
+             "retriever=medcpt needs --config.retriever_path (a directory with the MedCPT query and article encoders)"),
             (self.rl_mode in ("two_stage", "mixed"), f"rl_mode must be two_stage or mixed, got {self.rl_mode!r}"),
             (self.mix_ratio is None or 0 < self.mix_ratio < 1, f"mix_ratio must be in (0, 1), got {self.mix_ratio}"),
             (self.mix_ratio is None or self.rl_mode == "mixed", "mix_ratio needs rl_mode=mixed"),
@@ -116,13 +144,16 @@ class PipelineConfig:
         for name in ("rl_self", "rl_sup"):
             rl = getattr(self, name)
             checks += [
-                (rl.steps >= 1, f"steps must be >= 1, got {rl.steps}"),
-                (rl.num_generations >= 1, f"num_generations must be >= 1, got {rl.num_generations}"),
-                (rl.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {rl.max_new_tokens}"),
-                (rl.temperature > 0, f"temperature must be > 0, got {rl.temperature}"),
-                (rl.loss.temperature == rl.temperature,
+                (rl.steps >= 1, f"{name}.steps must be >= 1, got {rl.steps}"),
+                (rl.num_generations >= 1, f"{name}.num_generations must be >= 1, got {rl.num_generations}"),
+                (rl.max_new_tokens >= 1, f"{name}.max_new_tokens must be >= 1, got {rl.max_new_tokens}"),
+                (rl.temperature > 0, f"{name}.temperature must be > 0, got {rl.temperature}"),
+                (rl.loss.temperature is None or rl.loss.temperature == rl.temperature,
                  f"{name}: the loss temperature {rl.loss.temperature} differs from the rollout temperature "
-                 f"{rl.temperature}, so GRPO's ratio would be off-policy"),
+                 f"{rl.temperature}, so GRPO's ratio would be off-policy (leave {name}.loss.temperature "
+                 f"unset to follow {name}.temperature)"),
+                (rl.optim.total_steps is None or rl.optim.total_steps >= 1,
+                 f"{name}.optim.total_steps must be >= 1 (or unset: the stage's steps), got {rl.optim.total_steps}"),
             ]
         for ok, msg in checks:
             if not ok:
@@ -134,10 +165,9 @@ def _paper_rl(steps: int) -> RLConfig:
     return RLConfig(steps=steps, prompts_per_step=128, num_generations=8, max_new_tokens=3072,
                     max_prompt_len=512, temperature=1.0, checkpoint_every=50, keep_checkpoints=3,
                     loss=LossConfig(clip_low=0.2, clip_high=0.2, dual_clip=3.0, kl_coef=0.005,
-                                    kl_estimator="low_var_kl", agg="token-mean", temperature=1.0,
-                                    micro_batch_size=8),
+                                    kl_estimator="low_var_kl", agg="token-mean", micro_batch_size=8),
                     optim=OptimConfig(learning_rate=3e-6, weight_decay=0.01, warmup_ratio=0.1,
-                                      total_steps=steps, grad_clip=1.0, schedule="cosine"))
+                                      grad_clip=1.0, schedule="cosine"))
 
 
 def _small_rl(steps: int, prompts: int, gens: int, new_tokens: int, prompt_len: int) -> RLConfig:
@@ -145,7 +175,7 @@ def _small_rl(steps: int, prompts: int, gens: int, new_tokens: int, prompt_len: 
                     max_new_tokens=new_tokens, max_prompt_len=prompt_len, temperature=1.0,
                     checkpoint_every=1, keep_checkpoints=2, sampler_chunk=32,
                     loss=LossConfig(kl_coef=0.0, micro_batch_size=gens),
-                    optim=OptimConfig(learning_rate=1e-5, total_steps=steps, warmup_ratio=0.0))
+                    optim=OptimConfig(learning_rate=1e-5, warmup_ratio=0.0))
 
 
 PRESETS: dict[str, PipelineConfig] = {
@@ -174,6 +204,8 @@ PRESETS: dict[str, PipelineConfig] = {
 
 
 def pipeline_preset(name: str, **overrides) -> PipelineConfig:
+    """A fresh copy of the preset `name` (nothing shared with PRESETS or other copies, so
+    the command line's overrides can set its fields), with `overrides` applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown --config {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
+    return copy.deepcopy(PRESETS[name]).replace(**overrides)

@@ -486,13 +486,15 @@ class RunDir:
                                        f"from the manifest's); move {self.root / stage} away to rerun the stage")
 
     def begin(self, stage: str, inputs: Mapping[str, str], config: Mapping[str, Any], *,
-              write: bool = True) -> str:
+              write: bool = True, record: Mapping[str, Any] | None = None) -> str:
         """'skip' when done with these inputs, 'resume' when interrupted, 'start' otherwise.
 
         Raises ManifestMismatch when the stage ran with other inputs or config,
         or when a finished stage's output files no longer match their digests.
         Credentials in the settings are masked before they are compared or
         recorded. ``write=False`` (processes other than 0) checks without writing.
+        ``record``: more fields for the manifest that are written but not compared
+        (the run's whole resolved configuration, say).
         """
         key = redact({"inputs": dict(inputs), "config": json.loads(json.dumps(dict(config), default=str))})
         old = self.manifest(stage)
@@ -514,7 +516,8 @@ class RunDir:
             status = "start"
         if not write:
             return status
-        self._write_manifest(stage, dict(key, stage=stage, status="running", code_version=code_version(),
+        extra = json.loads(json.dumps(dict(record or {}), default=str))
+        self._write_manifest(stage, dict(extra, **key, stage=stage, status="running", code_version=code_version(),
                                          started=time.time(), outputs={}))
         return status
 

@@ -15,7 +15,7 @@
 #   (16 x 512 x 147,456 B = 1.2 GB) and the weights: 75.6 GB. An 80 GB H100
 #   (85.5e9 B) gives 79.1 GB at XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 less 2 GiB of
 #   headroom: it fits, where JAX's default fraction of 0.75 would not. On a smaller
-#   card `plan` lowers the label length (--max_new_tokens) to what fits.
+#   card `plan` lowers the label length (--config.label_max_new_tokens) to what fits.
 # * eval (32 questions x 4 generations = 128 sequences, up to 2,048 new tokens):
 #   38.7 GB of KV + 16.4 GB of weights: fits.
 # * GRPO (rl_self, rl_sup) at 8B does NOT fit on one GPU: the train step keeps
@@ -31,7 +31,7 @@
 #   so the rollout KV (1,024 sequences x 114,688 B per token for Qwen3-1.7B) bounds
 #   the response length: `plan` gives rollouts 60% of the memory left after the
 #   training state (the rest is for the update's activations) and sets
-#   --max_new_tokens for rl_self/rl_sup from it: 160 tokens on an 80 GB H100, 480
+#   --config.rl_self.max_new_tokens / --config.rl_sup.max_new_tokens from it: 160 tokens on an 80 GB H100, 480
 #   on a 141 GB H200, far below the paper's 3,072 (override with
 #   RL_MAX_NEW_TOKENS / RL_NUM_GENERATIONS, e.g. 4 generations for longer ones).
 #
@@ -219,9 +219,10 @@ cmd_run() {
   for stage in "${stages[@]}"; do
     local extra=()
     case $stage in
-      label) if [[ $label_tokens != 0 ]]; then extra=(--max_new_tokens="$label_tokens"); fi ;;
-      rl_self) extra=(--max_new_tokens="$rl_tokens" --num_generations="$rl_gens") ;;
-      rl_sup) extra=(--max_new_tokens="$rl_tokens" --num_generations="$rl_gens" --real_data="$REAL_DATA") ;;
+      label) if [[ $label_tokens != 0 ]]; then extra=(--config.label_max_new_tokens="$label_tokens"); fi ;;
+      rl_self) extra=(--config.rl_self.max_new_tokens="$rl_tokens" --config.rl_self.num_generations="$rl_gens") ;;
+      rl_sup) extra=(--config.rl_sup.max_new_tokens="$rl_tokens" --config.rl_sup.num_generations="$rl_gens"
+                     --real_data="$REAL_DATA") ;;
     esac
     echo "== $stage" >&2
     "$py" -m launch.main --stage="$stage" "${common[@]}" ${extra[@]+"${extra[@]}"} "$@"

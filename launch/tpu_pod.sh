@@ -13,7 +13,7 @@
 # command line after the subcommand of `run` is passed on to launch.main, e.g.
 #   MODEL=gs://my-bucket/Qwen3-8B-Base REAL_DATA=gs://my-bucket/medqa_train.jsonl \
 #   BENCHMARKS=gs://my-bucket/medssr-eval GCS_BUCKET=my-bucket \
-#   launch/tpu_pod.sh run --alpha=0.3
+#   launch/tpu_pod.sh run --config.alpha=0.3
 #
 # Multi-host: every worker runs the same command. With DISTRIBUTED=explicit (the
 # default on slices of more than one host) the script passes launch.main

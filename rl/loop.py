@@ -16,7 +16,6 @@ them to the global batch; checkpoints are written by all processes together
 (orbax), metrics and log lines by process 0 only.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import json
@@ -46,7 +45,7 @@ from rl.train_step import (Batch, LossConfig, OptimConfig, TrainState, compute_p
                            make_optimizer, packed_sequence_logprobs, sequence_logprobs, train_step)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(unsafe_hash=True)  # settable for config flags, hashed by value (see OptimConfig)
 class RLConfig:
     steps: int = 10
     prompts_per_step: int = 128
@@ -73,6 +72,16 @@ class RLConfig:
     micro_tokens_per_device: int | None = None
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
+
+    def resolved(self) -> "RLConfig":
+        """The settings that follow others filled in: the loss's logit temperature is the
+        rollout temperature and the lr schedule spans the stage's steps, unless set."""
+        loss, optim = self.loss, self.optim
+        if loss.temperature is None:
+            loss = dataclasses.replace(loss, temperature=self.temperature)
+        if optim.total_steps is None:
+            optim = dataclasses.replace(optim, total_steps=self.steps)
+        return dataclasses.replace(self, loss=loss, optim=optim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,32 +139,97 @@ def pack_rows(rows: Sequence[tuple[RLItem, Completion]], max_prompt_len: int, ma
     return dict(tokens=tokens, attention_mask=attn, response_mask=resp_mask, old_logp=old)
 
 
+def _path_name(key) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def named_tree(tree) -> dict:
+    """`tree` as nested dicts keyed by the names on its paths (parameter names, optax state
+    fields such as mu / nu / count, tuple positions), without nnx's `.value` wrappers: the
+    layout a checkpoint can be read in without the code that wrote it."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [_path_name(k) for k in path]
+        if len(keys) > 1 and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+            keys = keys[:-1]
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"checkpoint layout: {'/'.join(keys)} lies under a leaf")
+        if keys[-1] in node:
+            raise ValueError(f"checkpoint layout: two leaves named {'/'.join(keys)}")
+        node[keys[-1]] = leaf
+    return out
+
+
+def _from_named(named: dict, like):
+    """The inverse of named_tree: `named`'s leaves put back into `like`'s structure."""
+    leaves = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
+        keys = [_path_name(k) for k in path]
+        if len(keys) > 1 and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+            keys = keys[:-1]
+        node = named
+        for k in keys:
+            node = node[k]
+        leaves.append(node)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
 class Checkpointer:
-    """Orbax CheckpointManager over the train state's leaves (async where supported)."""
+    """Orbax CheckpointManager of the train state (async where supported), one composite
+    per step with three named items: `params` (nested by parameter name), `opt_state` (by
+    optax state field: mu, nu, count, ...) and `step`, so that a checkpoint reads with
+    orbax alone, e.g. `ocp.StandardCheckpointer().restore(<dir>/<step>/params)`."""
 
     def __init__(self, directory: str | os.PathLike, every: int, keep: int):
         import orbax.checkpoint as ocp
         self._ocp = ocp
         self.every = every
+        self.directory = Path(directory).absolute()
+        # A run directory of an earlier version holds one unnamed item of numbered leaves per
+        # step; it keeps that layout to its end (orbax's manager takes one layout per directory).
+        self.numbered = self.directory.is_dir() and any(
+            (d / "default").is_dir() for d in self.directory.iterdir() if d.name.isdigit())
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+            self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                                  enable_async_checkpointing=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    @staticmethod
+    def _items(state: TrainState) -> dict:
+        return {"params": named_tree(state.params), "opt_state": named_tree(state.opt_state),
+                "step": {"step": state.step}}
+
     def save(self, step: int, state: TrainState, force: bool = False) -> None:
-        if force or step % self.every == 0:
-            leaves = {str(i): x for i, x in enumerate(jax.tree.leaves(state))}
-            self.manager.save(step, args=self._ocp.args.StandardSave(leaves), force=True)
+        if not (force or step % self.every == 0):
+            return
+        if self.numbered:
+            args = self._ocp.args.StandardSave({str(i): x for i, x in enumerate(jax.tree.leaves(state))})
+        else:
+            args = self._ocp.args.Composite(**{k: self._ocp.args.StandardSave(v)
+                                               for k, v in self._items(state).items()})
+        self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, like: TrainState) -> TrainState:
-        leaves, treedef = jax.tree.flatten(like)
-        abstract = {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                    for i, x in enumerate(leaves)}
-        restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-        return jax.tree.unflatten(treedef, [restored[str(i)] for i in range(len(leaves))])
+        abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+        if self.numbered:
+            leaves, treedef = jax.tree.flatten(like)
+            got = self.manager.restore(step, args=self._ocp.args.StandardRestore(
+                {str(i): abstract(x) for i, x in enumerate(leaves)}))
+            return jax.tree.unflatten(treedef, [got[str(i)] for i in range(len(leaves))])
+        items = {k: jax.tree.map(abstract, v) for k, v in self._items(like).items()}
+        got = self.manager.restore(step, args=self._ocp.args.Composite(
+            **{k: self._ocp.args.StandardRestore(v) for k, v in items.items()}))
+        return TrainState(params=_from_named(got["params"], like.params),
+                          opt_state=_from_named(got["opt_state"], like.opt_state), step=got["step"]["step"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -281,6 +355,7 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
     """
     if not items:
         raise ValueError("no RL items")
+    cfg = cfg.resolved()
     if cfg.prompts_per_step < 1 or cfg.num_generations < 1:
         raise ValueError("prompts_per_step and num_generations must be >= 1")
     use_ref = cfg.loss.kl_coef != 0

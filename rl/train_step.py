@@ -25,7 +25,6 @@ sharding (FSDP over "fsdp", heads/MLP over "tensor"); the batch is sharded over
 ("data", "fsdp").
 """
 
-from __future__ import annotations
 
 import dataclasses
 import functools
@@ -43,7 +42,10 @@ from rl.logprobs import token_logprobs
 from rl.packing import PackedBatch
 
 
-@dataclasses.dataclass(frozen=True)
+# The configs are plain (settable) dataclasses so that ml_collections' config flags can set
+# nested fields from the command line; they hash by value because the jitted step takes the
+# LossConfig as a static argument. Code never changes one after parsing (dataclasses.replace).
+@dataclasses.dataclass(unsafe_hash=True)
 class OptimConfig:
     learning_rate: float = 3e-6
     weight_decay: float = 0.01
@@ -51,12 +53,12 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     warmup_ratio: float = 0.1
-    total_steps: int = 100
+    total_steps: int | None = None  # schedule length; None: the stage's steps (RLConfig.resolved)
     grad_clip: float = 1.0
     schedule: str = "cosine"  # "cosine" (linear warmup, cosine to 0) or "constant" (warmup, then flat)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(unsafe_hash=True)
 class LossConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -64,10 +66,16 @@ class LossConfig:
     kl_coef: float = 0.005
     kl_estimator: str = "low_var_kl"
     agg: str = "token-mean"
-    temperature: float = 1.0  # logits are divided by the rollout temperature, as in verl
+    # logits are divided by the rollout temperature, as in verl; None: the rollout temperature
+    # (RLConfig.resolved), 1.0 where the step is used on its own
+    temperature: float | None = None
     micro_batch_size: int = 8
     logprob_chunk: int = 256  # response tokens per logits chunk (the [*, V] logits never exist whole)
     max_segments: int = 32    # sequences per packed row at most (static shape of cuDNN's packed layout)
+
+    @property
+    def logit_temperature(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
 
 
 class Batch(NamedTuple):
@@ -80,6 +88,11 @@ class Batch(NamedTuple):
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown lr schedule {cfg.schedule!r} (cosine, constant)")
+    if cfg.total_steps is None or cfg.total_steps < 1:
+        raise ValueError(f"OptimConfig.total_steps must be >= 1, got {cfg.total_steps} "
+                         "(RLConfig.resolved() sets it from the stage's steps)")
     warmup = int(cfg.warmup_ratio * cfg.total_steps)
     if cfg.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 0),
@@ -153,7 +166,7 @@ def loss_and_grads(graphdef, params, batch: Batch, cfg: LossConfig):
     def micro_loss(p, micro: Batch):
         model = nnx.merge(graphdef, p)  # p: compute_params, cast once per step
         logp, ent = response_logprobs(model, micro.tokens, micro.attention_mask, r,
-                                      cfg.temperature, cfg.logprob_chunk, with_entropy=True)
+                                      cfg.logit_temperature, cfg.logprob_chunk, with_entropy=True)
         num, _, sums = grpo.policy_loss_terms(
             logp, micro.old_logp, micro.ref_logp if use_ref else None, micro.advantages,
             micro.response_mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -203,7 +216,7 @@ def packed_loss_and_grads(graphdef, params, batch: PackedBatch, cfg: LossConfig)
     def micro_loss(p, micro: PackedBatch):
         model = nnx.merge(graphdef, p)
         logp, ent = packed_logprobs(model, micro.tokens, micro.positions, micro.segment_ids,
-                                    micro.targets, cfg.temperature, cfg.logprob_chunk, cfg.max_segments)
+                                    micro.targets, cfg.logit_temperature, cfg.logprob_chunk, cfg.max_segments)
         ref = micro.ref_logp if use_ref else None
         terms = functools.partial(
             grpo.policy_loss_terms, logp, micro.old_logp, ref, micro.advantages,

@@ -136,7 +136,7 @@ def test_stage2_reads_several_sources_with_caps(tmp_path):
 
 def test_paper_presets_never_fall_back_to_the_offline_generator(tmp_path):
     paper = pipeline_preset("qwen3_8b_base")
-    with pytest.raises(ValueError, match="--openai_base_url .* or --synth_generator=offline"):
+    with pytest.raises(ValueError, match="--config.openai_base_url .* or --config.synth_generator=offline"):
         Pipeline(paper, tmp_path, Inputs()).generator()
     assert Pipeline(paper.replace(synth_generator="offline"), tmp_path, Inputs()).generator() == "offline"
     assert Pipeline(paper.replace(openai_base_url="http://127.0.0.1:1/v1"), tmp_path, Inputs()).generator() == "api"

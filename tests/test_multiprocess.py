@@ -159,7 +159,7 @@ def runs(tmp_path_factory):
             f.write(json.dumps(dict(r, **short, label=r["intended_answer"], kept=True, confidence=1.0)) + "\n")
 
     out = {"policy": model}
-    rl_self = lambda w: _cli("rl_self", w, model, f"--steps={STEPS}")  # noqa: E731
+    rl_self = lambda w: _cli("rl_self", w, model, f"--config.rl_self.steps={STEPS}")  # noqa: E731
     for name in ("two_processes", "one_process_two_devices", "one_device"):
         shutil.copytree(base, root / name)
         out[name] = root / name
@@ -228,7 +228,7 @@ def test_two_processes_resume_from_their_checkpoint(runs, tmp_path):
     manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), status="running")))
     shutil.rmtree(work / "rl_self" / "model")
     logs = [tmp_path / "p0.log", tmp_path / "p1.log"]
-    _run_processes(_cli("rl_self", work, runs["policy"], f"--steps={STEPS}"), 2, logs)
+    _run_processes(_cli("rl_self", work, runs["policy"], f"--config.rl_self.steps={STEPS}"), 2, logs)
     resumed = _params(work / "rl_self" / "model")
     trained = _params(runs["two_processes"] / "rl_self" / "model")
     assert _max_abs_diff(resumed, trained) == 0.0

@@ -145,7 +145,7 @@ def test_eval_fails_loudly_on_unusable_benchmark_files(tmp_path):
     lossy.write_text(json.dumps([{"id": "a", "question": "Q?\nA. x\nB. y", "gold": "A"},
                                  {"id": "b", "question": "Q?", "gold": ""},
                                  {"id": "a", "question": "Q2?\nA. x\nB. y", "gold": "B"}]))
-    with pytest.raises(ValueError, match=r"lossy.json: 1 records could not be read .*--eval_allow_partial"):
+    with pytest.raises(ValueError, match=r"lossy.json: 1 records could not be read .*--config.eval_allow_partial"):
         Pipeline(cfg, tmp_path / "r3", Inputs(benchmarks=str(lossy))).run_stage("eval")
     assert json.loads((tmp_path / "r3" / "eval" / "manifest.json").read_text())["status"] != "done"
     res = Pipeline(cfg.replace(eval_allow_partial=True), tmp_path / "r4", Inputs(benchmarks=str(lossy))).run_stage("eval")
@@ -180,6 +180,11 @@ def test_policy_loading_follows_the_preset(tmp_path):
 def test_rollout_and_loss_temperatures_must_match():
     import dataclasses
     cfg = pipeline_preset("tiny")
-    bad = cfg.replace(rl_self=dataclasses.replace(cfg.rl_self, temperature=0.7))
+    bad = cfg.replace(rl_self=dataclasses.replace(
+        cfg.rl_self, temperature=0.7, loss=dataclasses.replace(cfg.rl_self.loss, temperature=1.0)))
     with pytest.raises(ValueError, match=r"rl_self: the loss temperature 1.0 differs from the rollout"):
         bad.validate()
+    # unset, the loss temperature follows the rollout temperature, as in verl
+    followed = cfg.replace(rl_self=dataclasses.replace(cfg.rl_self, temperature=0.7)).validate()
+    assert followed.rl_self.loss.temperature is None and followed.rl_self.resolved().loss.temperature == 0.7
+    assert followed.resolved().rl_self.optim.total_steps == cfg.rl_self.steps

@@ -31,7 +31,7 @@ def abstract_state_bytes(cfg):
     """Bytes of the parameters and the AdamW state, from jax.eval_shape (nothing allocated)."""
     model = nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
-    opt = jax.eval_shape(make_optimizer(OptimConfig()).init, params)
+    opt = jax.eval_shape(make_optimizer(OptimConfig(total_steps=100)).init, params)
     size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
     return size(params), size(opt)
 

@@ -264,7 +264,7 @@ def assert_manifest_matches_disk(work: Path, seed: int) -> dict:
 def test_two_runs_started_together_one_proceeds(tmp_path):
     """The reported race: two synthesize runs (seeds 1 and 2) on one directory at the same moment."""
     work = tmp_path / "run"
-    procs = {seed: start(work, "--stage=synthesize", f"--seed={seed}") for seed in (1, 2)}
+    procs = {seed: start(work, "--stage=synthesize", f"--config.seed={seed}") for seed in (1, 2)}
     results = {seed: finish(p) for seed, p in procs.items()}
     winners = [s for s, (rc, _) in results.items() if rc == 0]
     assert len(winners) == 1, results
@@ -276,7 +276,7 @@ def test_two_runs_started_together_one_proceeds(tmp_path):
     assert_manifest_matches_disk(work, winner)
     # and the file is exactly what that seed gives alone
     alone = tmp_path / "alone"
-    rc, lines = finish(start(alone, "--stage=synthesize", f"--seed={winner}"))
+    rc, lines = finish(start(alone, "--stage=synthesize", f"--config.seed={winner}"))
     assert rc == 0, lines
     assert file_digest(alone / "synthesize" / "synthetic.jsonl") == file_digest(work / "synthesize" / "synthetic.jsonl")
 
@@ -285,12 +285,12 @@ def test_two_runs_started_together_one_proceeds(tmp_path):
 def test_second_run_is_refused_while_the_first_holds(tmp_path, mode, first):
     """Deterministic order: the first run is frozen (SIGSTOP) while it holds the directory."""
     work, second = tmp_path / "run", 3 - first
-    owner = start(work, "--stage=synthesize", f"--seed={first}", f"--lock={mode}", "--lease_ttl=60")
+    owner = start(work, "--stage=synthesize", f"--config.seed={first}", f"--lock={mode}", "--lease_ttl=60")
     try:
         wait_for_owner(work, owner.pid, LOCK_NAME if mode == "flock" else LEASE_NAME)
         owner.send_signal(signal.SIGSTOP)
         before = snapshot(work)
-        rc, lines = finish(start(work, "--stage=synthesize", f"--seed={second}", f"--lock={mode}",
+        rc, lines = finish(start(work, "--stage=synthesize", f"--config.seed={second}", f"--lock={mode}",
                                  "--lease_ttl=60"))
         how = FLOCK_HOW  # on a local disk a lease run holds the flock as well
         assert rc == 1 and len(lines) == 1, lines
@@ -309,11 +309,11 @@ def test_label_runs_race(tmp_path):
     work = tmp_path / "run"
     rc, lines = finish(start(work, "--stage=synthesize"))
     assert rc == 0, lines
-    owner = start(work, "--stage=label", "--seed=0")
+    owner = start(work, "--stage=label", "--config.seed=0")
     try:
         wait_for_owner(work, owner.pid, LOCK_NAME)
         owner.send_signal(signal.SIGSTOP)
-        rc, lines = finish(start(work, "--stage=label", "--seed=0", "--num_votes=2"))
+        rc, lines = finish(start(work, "--stage=label", "--config.seed=0", "--config.num_votes=2"))
         assert rc == 1 and len(lines) == 1 and re.fullmatch(rf"label: {refusal(work, owner.pid, FLOCK_HOW)}",
                                                             lines[0]), lines
     finally:
@@ -376,14 +376,14 @@ def test_endpoint_credentials_stay_out_of_records_and_logs(tmp_path):
         masked = srv.base_url.replace("http://", "http://***@")
         env = cli_env(OPENAI_API_KEY="sk-run-lock-4713")
         proc = subprocess.Popen([sys.executable, "-m", "launch.main", "--stage=synthesize", "--config=tiny",
-                                 f"--workdir={work}", "--num_questions=2", f"--openai_base_url={url}",
-                                 "--synth_model=gpt-4.1-mini", "--seeds=/no/seeds.json"],
+                                 f"--workdir={work}", "--config.num_questions=2", f"--config.openai_base_url={url}",
+                                 "--config.synth_model=gpt-4.1-mini", "--seeds=/no/seeds.json"],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         rc, lines = finish(proc)
         assert rc == 1 and lines == ["synthesize: /no/seeds.json: no such file or directory (--seeds)"], lines
         proc = subprocess.Popen([sys.executable, "-m", "launch.main", "--stage=synthesize", "--config=tiny",
-                                 f"--workdir={work}", "--num_questions=2", f"--openai_base_url={url}",
-                                 "--synth_model=gpt-4.1-mini"],
+                                 f"--workdir={work}", "--config.num_questions=2", f"--config.openai_base_url={url}",
+                                 "--config.synth_model=gpt-4.1-mini"],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         rc, lines = finish(proc)
         assert rc == 0, lines

@@ -94,6 +94,8 @@ def test_paper_presets_carry_the_verl_defaults():
         for rl in (p.rl_self, p.rl_sup):
             assert (rl.prompts_per_step, rl.num_generations, rl.max_prompt_len, rl.max_new_tokens) == (128, 8, 512, 3072)
             assert rl.temperature == 1.0
+            run = rl.resolved()  # the loss's logit temperature and the lr schedule follow the stage
+            assert (run.loss.temperature, run.optim.total_steps) == (1.0, rl.steps) == (1.0, 300)
             assert (rl.optim.learning_rate, rl.optim.weight_decay, rl.optim.warmup_ratio,
                     rl.optim.grad_clip, rl.optim.schedule) == (3e-6, 0.01, 0.1, 1.0, "cosine")
             assert (rl.loss.clip_low, rl.loss.clip_high, rl.loss.dual_clip, rl.loss.kl_coef,
@@ -101,6 +103,10 @@ def test_paper_presets_carry_the_verl_defaults():
         assert (p.num_votes, p.eval_generations, p.eval_temperature, p.eval_top_p, p.eval_top_k,
                 p.eval_max_new_tokens) == (8, 4, 0.6, 0.95, 20, 2048)
     assert pipeline_preset("tiny", alpha=0.7).alpha == 0.7
+    a, b = pipeline_preset("tiny"), pipeline_preset("tiny")  # fresh copies: setting one changes no other
+    a.rl_sup.loss.kl_coef = 0.5
+    assert b.rl_sup.loss.kl_coef == PRESETS["tiny"].rl_sup.loss.kl_coef == 0.0 and a.rl_self.loss.kl_coef == 0.0
+    assert a != b and hash(b) == hash(pipeline_preset("tiny"))  # by value: a jit static argument stays cached
     with pytest.raises(ValueError, match=r"unknown --config 'nope'"):
         pipeline_preset("nope")
 

@@ -78,11 +78,11 @@ def test_minilm_documents_are_embedded_at_its_real_length(tmp_path):
 
 
 def test_retrieval_settings_fail_loudly(tmp_path):
-    with pytest.raises(ValueError, match="retriever=medcpt needs --retriever_path"):
+    with pytest.raises(ValueError, match="retriever=medcpt needs --config.retriever_path"):
         pipeline_preset("tiny", retriever="medcpt").validate()
     cfg = pipeline_preset("tiny", retriever="medcpt", retriever_path=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no MedCPT query encoder"):
         Pipeline(cfg, tmp_path / "run", Inputs()).encoders()
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl: no such file or directory \(--corpus\)"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl: no such file or directory \(--config\.corpus\)"):
         Pipeline(pipeline_preset("tiny", corpus=str(tmp_path / "missing.jsonl")), tmp_path / "r2",
                  Inputs()).check_inputs(("synthesize",))
