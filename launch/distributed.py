@@ -153,3 +153,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 def is_main() -> bool:
     """True on the process that writes logs, manifests and reports."""
     return jax.process_index() == 0
+
+
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def prefer_memory_on_cpu() -> None:
+    """Turn off XLA's concurrency-optimized scheduler for CPU compilations (unless XLA_FLAGS
+    already sets it). It runs independent ops early, so in a remat backward every layer's
+    recomputed attention scores are live at once: for a SmolLM2-135M micro-batch of 2 x 512
+    tokens the compiled update's temporaries are 3.6 GB with it and 0.6 GB without, at the
+    same speed on 2 cores. XLA reads XLA_FLAGS when the first backend starts, so this runs
+    before anything touches a device; the option concerns the CPU backend only."""
+    current = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_enable_concurrency_optimized_scheduler" not in current:
+        os.environ["XLA_FLAGS"] = f"{current} {CPU_SCHEDULER_FLAG}".strip()
+
+
+def limit_host_fragmentation() -> None:
+    """On the CPU backend, at most two glibc malloc arenas from here on (medssr_jax.hostmem):
+    the pipeline's stages alternate sampling and updates whose temporaries would otherwise
+    leave freed fragments in one arena per XLA thread."""
+    if jax.default_backend() == "cpu":
+        from medssr_jax import hostmem
+        hostmem.limit_arenas(2)

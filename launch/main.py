@@ -140,6 +140,8 @@ def _run_stages(cfg, workdir: Path, lock) -> Path:
 def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value; see --help)")
+    from launch.distributed import prefer_memory_on_cpu
+    prefer_memory_on_cpu()  # before anything starts a backend
     if not FLAGS["verbosity"].present:  # app.run sets verbosity to INFO unless given
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     from launch import distributed
@@ -156,6 +158,7 @@ def main(argv):
         return
     try:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        distributed.limit_host_fragmentation()
         report = run_pipeline()
     except (ValueError, OSError, ManifestMismatch, RunDirLocked, StageError, SynthesisError, NonFiniteError) as e:
         raise SystemExit(redact_text(f"{FLAGS.stage}: {e}")) from None

@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from launch.distributed import is_main
 from launch.presets import PipelineConfig
 from launch.rundir import RunDir, file_digest, write_json_atomic
-from medssr_jax import multihost
+from medssr_jax import hostmem, multihost
 from medssr_jax.redact import redact_text
 
 STAGES = ("synthesize", "label", "rl_self", "rl_sup", "rl_mixed", "eval", "export")
@@ -752,4 +753,6 @@ class Pipeline:
             self.run.finish(stage, result["outputs"], result.get("summary"))
             log(f"{stage}: done {result.get('summary', {})}")
         multihost.barrier(f"finish:{stage}")
+        if jax.default_backend() == "cpu":  # what the stage freed, back to the system before the next
+            hostmem.release_free_memory()
         return result

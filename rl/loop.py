@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from medssr_jax import multihost
+from medssr_jax import hostmem, multihost
 from medssr_jax.multihost import global_from_host
 from medssr_jax.metrics import MetricsWriter
 from medssr_jax.sampler import Completion, generate
@@ -474,6 +474,8 @@ def run_grpo(model: Transformer, items: Sequence[RLItem], reward_fn: RewardFn, c
                 f"clip {row['pg_clipfrac']:.3f}  len {row['response_length']:.0f}  "
                 f"{row['time_step']:.1f}s (sample {t_sample:.1f}s, ref {t_ref:.1f}s, update {t_update:.1f}s)")
             ckpt.save(step + 1, state, force=step + 1 == cfg.steps)
+            if jax.default_backend() == "cpu":  # the step's freed temporaries back to the system
+                hostmem.release_free_memory()
             if on_step_end is not None:
                 on_step_end(step + 1, row)
     finally:

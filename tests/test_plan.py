@@ -143,3 +143,59 @@ def test_activation_model_bounds_the_compiled_step_without_remat():
     temp = compiled.memory_analysis().temp_size_in_bytes
     planned = update_bytes_per_token(cfg, "none", "xla", length, 256) * bm * length + 8 * cfg.num_params()
     assert 0.5 * planned <= temp <= planned, (temp, planned)
+
+
+_CPU_STEP = """
+import json, sys
+import jax, jax.numpy as jnp
+from flax import nnx
+import models
+from rl.packing import PackedBatch
+from rl.plan import update_bytes_per_token
+from rl.train_step import LossConfig, packed_loss_and_grads
+from launch.distributed import prefer_memory_on_cpu
+prefer_memory_on_cpu()  # what the pipeline does before any device is touched
+cfg = models.preset("smollm2_135m").replace(num_layers=8, vocab_size=8192, remat="full")
+graphdef, params = nnx.split(nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+m, bm, length = 2, 2, 512
+f = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
+batch = PackedBatch(*[f((m, bm, length), jnp.int32)] * 4, *[f((m, bm, length), jnp.float32)] * 3, None,
+                    f((m, bm, length), jnp.float32), f((), jnp.int32), f((), jnp.float32))
+compiled = jax.jit(packed_loss_and_grads, static_argnums=(0, 3)).lower(
+    graphdef, params, batch, LossConfig(kl_coef=0.0)).compile()
+print(json.dumps({"temp": compiled.memory_analysis().temp_size_in_bytes,
+                  "planned": update_bytes_per_token(cfg, "full", "xla", length, 256) * bm * length
+                             + 8 * cfg.num_params()}))
+"""
+
+
+def test_the_pipeline_compiles_cpu_steps_within_the_remat_plan():
+    """With full remat the plan counts one layer's recomputation at a time; XLA's CPU
+    concurrency-optimized scheduler would instead run every layer's recomputed forward early
+    and keep all their attention scores live. The pipeline turns it off (launch.distributed.prefer_memory_on_cpu), and
+    then the compiled step of SmolLM2 widths (8 layers, 2 rows of 512 tokens) fits the plan."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", _CPU_STEP], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["temp"] <= got["planned"], got
+    assert got["temp"] >= 0.25 * got["planned"], got
+
+
+def test_prefer_memory_on_cpu_keeps_an_explicit_setting(monkeypatch):
+    import os
+
+    from launch.distributed import CPU_SCHEDULER_FLAG, prefer_memory_on_cpu
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    prefer_memory_on_cpu()
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {CPU_SCHEDULER_FLAG}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    prefer_memory_on_cpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+
