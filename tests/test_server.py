@@ -591,7 +591,8 @@ def test_request_log_escapes_control_characters_and_hides_the_key(tiny, tok):
 
 
 CTRL_C_SCRIPT = r"""
-import http.client, json, sys, threading, time
+import faulthandler, http.client, json, signal, sys, threading, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack on a hang
 import models
 from medssr_jax.server import Server
 from medssr_jax.tokenizers import byte_tokenizer
@@ -626,6 +627,7 @@ def test_ctrl_c_while_generating_stops_cleanly():
     import signal
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -636,7 +638,14 @@ def test_ctrl_c_while_generating_stops_cleanly():
     try:
         assert proc.stdout.readline().strip() == "GENERATING"
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # faulthandler: where every thread is stuck
+            time.sleep(2)
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the server did not stop within 60 s of Ctrl-C; its threads:\n{err[-6000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
