@@ -41,8 +41,8 @@ from models.transformer import Transformer
 from rl import grpo
 from rl.packing import PackedBatch, pack
 from rl.plan import GRPOPlan, device_memory_bytes, plan_grpo
-from rl.train_step import (Batch, LossConfig, OptimConfig, TrainState, compute_params, init_train_state,
-                           make_optimizer, packed_sequence_logprobs, sequence_logprobs, train_step)
+from rl.train_step import (LossConfig, OptimConfig, TrainState, compute_params, init_train_state,
+                           make_optimizer, packed_sequence_logprobs, train_step)
 
 
 @dataclasses.dataclass(unsafe_hash=True)  # settable for config flags, hashed by value (see OptimConfig)

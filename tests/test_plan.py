@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
 import models
-from rl.plan import GiB, PlanError, plan_grpo, resident_parts
+from rl.plan import GiB, PlanError, plan_grpo
 from rl.train_step import OptimConfig, make_optimizer
 
 PAPER = dict(prompts_per_step=128, num_generations=8, max_prompt_len=512, max_new_tokens=3072)

@@ -592,6 +592,10 @@ def test_request_log_escapes_control_characters_and_hides_the_key(tiny, tok):
 
 CTRL_C_SCRIPT = r"""
 import faulthandler, http.client, json, signal, sys, threading, time
+# Ctrl-C as from a terminal: a child of a process that ignores SIGINT (a background job of a
+# non-interactive shell; in the full suite the test process itself) inherits SIGINT ignored,
+# and Python then leaves it ignored: the server would never see the Ctrl-C.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack on a hang
 import models
 from medssr_jax.server import Server
