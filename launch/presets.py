@@ -187,7 +187,7 @@ PRESETS: dict[str, PipelineConfig] = {
         eval_generations=2, eval_max_new_tokens=16, eval_items_per_benchmark=4),
     "smollm2": PipelineConfig(
         name="smollm2", model="asset:smollm2", model_preset=None, num_questions=32, num_votes=4,
-        remat="full",  # with CPU XLA's memory-first scheduler (launch/main.py): update temporaries 0.6 GB, not 3.2
+        remat="full",  # with CPU XLA's memory-first scheduler (launch.distributed): update temporaries 0.6 GB, not 3.6
         corpus_max_docs=1000,  # embedding 1,000 profiles at 256 tokens takes minutes on 2 cores, all 4,281 far longer
         holdout_benchmark="medqa", holdout_seeds=16, holdout_real=32,
         label_threshold=0.25, label_max_new_tokens=96, label_recover=True, lenient_answers=True,

@@ -139,11 +139,13 @@ def pack_rows(rows: Sequence[tuple[RLItem, Completion]], max_prompt_len: int, ma
     return dict(tokens=tokens, attention_mask=attn, response_mask=resp_mask, old_logp=old)
 
 
-def _path_name(key) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+def _leaf_names(path) -> list[str]:
+    """The names along a leaf's path (DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey),
+    without nnx's trailing `.value`."""
+    names = [str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k)) for k in path]
+    if len(names) > 1 and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        names = names[:-1]
+    return names
 
 
 def named_tree(tree) -> dict:
@@ -152,9 +154,7 @@ def named_tree(tree) -> dict:
     layout a checkpoint can be read in without the code that wrote it."""
     out: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [_path_name(k) for k in path]
-        if len(keys) > 1 and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
-            keys = keys[:-1]
+        keys = _leaf_names(path)
         node = out
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -170,9 +170,7 @@ def _from_named(named: dict, like):
     """The inverse of named_tree: `named`'s leaves put back into `like`'s structure."""
     leaves = []
     for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
-        keys = [_path_name(k) for k in path]
-        if len(keys) > 1 and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
-            keys = keys[:-1]
+        keys = _leaf_names(path)
         node = named
         for k in keys:
             node = node[k]
