@@ -61,24 +61,23 @@ def main(argv):
         q = jax.random.normal(ks[0], (p, n, heads, h), dtype)
         pk = jax.random.normal(ks[1], (p, kv, s, h), dtype)
         pv = jax.random.normal(ks[2], (p, kv, s, h), dtype)
-        ok = jax.random.normal(ks[3], (p, n, kv, slots, h), dtype)
-        ov = jax.random.normal(ks[4], (p, n, kv, slots, h), dtype)
+        own = jax.random.normal(ks[3], (p, n, kv, 2, slots, h), dtype)
         start = jnp.zeros((p,), jnp.int32)
         lens = jnp.full((p, n), filled, jnp.int32)
         want = bytes_read(p, n, kv, heads, h, s, filled, jnp.dtype(dtype).itemsize)
-        reference = jax.jit(functools.partial(da.decode_attention, impl="xla"))(q, pk, pv, start, ok, ov, lens)
+        reference = jax.jit(functools.partial(da.decode_attention, impl="xla"))(q, pk, pv, start, own, lens)
         for impl in (["xla", "interpret"] if smoke else FLAGS.impls):
             row = dict(kind="decode_attention_layer", model=name, impl=impl, device=str(jax.devices()[0]),
                        prompts=p, n=n, prompt_len=s, slots=slots, filled=filled, bytes=want,
                        hbm_bytes_per_s=bw)
             try:
                 fn = jax.jit(functools.partial(da.decode_attention, impl=impl))
-                out = fn(q, pk, pv, start, ok, ov, lens)
+                out = fn(q, pk, pv, start, own, lens)
                 out.block_until_ready()
                 repeats = 2 if smoke else FLAGS.repeats
                 t = time.perf_counter()
                 for _ in range(repeats):
-                    out = fn(q, pk, pv, start, ok, ov, lens)
+                    out = fn(q, pk, pv, start, own, lens)
                 out.block_until_ready()
                 dt = (time.perf_counter() - t) / repeats
                 diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference.astype(jnp.float32))))

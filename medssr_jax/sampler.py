@@ -314,12 +314,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
         length = _length_bucket(max_new_tokens - 1)
         chunk = min(chunk_size, length)
         sharded = mesh is not None and mesh.size > 1
-        kv_shape = (p_pad, n, cfg.num_kv_heads, length, cfg.head_dim)
+        kv_shape = (p_pad, n, cfg.num_kv_heads, 2, length, cfg.head_dim)
         impl = attention_impls.resolve_impl(
             decode_attention, (p_pad, n, cfg.num_heads, cfg.head_dim),
             (p_pad, cfg.num_kv_heads, s_pad, cfg.head_dim), kv_shape, sharded)
         kv_sharding = None if not sharded else logical_to_sharding(
-            ("batch", None, "kv_heads", None, "head_dim"), mesh, kv_shape)
+            ("batch", None, "kv_heads", None, None, "head_dim"), mesh, kv_shape)
         weights = _decode_weights(graphdef, state)
         cache = _empty_sample_kv(cfg, p_pad, n, length, kv_sharding)
         positions = put(positions)

@@ -1,10 +1,12 @@
 """Decode attention of n samples per prompt: shared prompt KV + each sample's own KV, one softmax.
 
-    decode_attention(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, impl=...)
+    decode_attention(q, prompt_k, prompt_v, prompt_start, own_kv, own_len, impl=...)
 
 q [P, n, N, H] is one new token per sample (n samples of each of P prompts).
 The prompt's KV [P, K, S, H] is left-padded: positions >= prompt_start[p] are
-real. Each sample's own KV [P, n, K, L, H] is valid in slots < own_len[p, j].
+real. Each sample's own KV is one buffer [P, n, K, 2, L, H] (keys at index 0
+of the fourth axis, values at 1, so a decode step writes a token's K and V
+with one update), valid in slots < own_len[p, j].
 Both key sets enter one softmax: the scores of the two are merged by
 log-sum-exp (an online softmax over the prompt blocks, then the own blocks).
 
@@ -36,7 +38,7 @@ IMPLS = ("auto", "xla", "pallas", "interpret")
 _MIN_ROWS = 16  # Triton's smallest dot operand
 
 
-def _check(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len):
+def _check(q, prompt_k, prompt_v, prompt_start, own_kv, own_len):
     if q.ndim != 4:
         raise ValueError(f"decode_attention: q must be [P, n, N, H], got shape {q.shape}")
     p, n, heads, h = q.shape
@@ -47,20 +49,20 @@ def _check(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len):
     kv = prompt_k.shape[1]
     if heads % kv:
         raise ValueError(f"decode_attention: {heads} query heads are not a multiple of {kv} KV heads")
-    if own_k.ndim != 5 or own_k.shape != own_v.shape or own_k.shape[:3] != (p, n, kv) \
-            or own_k.shape[4] != h:
-        raise ValueError(f"decode_attention: own k/v must be [P={p}, n={n}, K={kv}, L, H={h}], got "
-                         f"{own_k.shape} and {own_v.shape}")
+    if own_kv.ndim != 6 or own_kv.shape[:4] != (p, n, kv, 2) or own_kv.shape[5] != h:
+        raise ValueError(f"decode_attention: own kv must be [P={p}, n={n}, K={kv}, 2, L, H={h}], got "
+                         f"{own_kv.shape}")
     if prompt_start.shape != (p,) or own_len.shape != (p, n):
         raise ValueError(f"decode_attention: prompt_start must be [P={p}] and own_len [P, n]=[{p}, {n}],"
                          f" got {prompt_start.shape} and {own_len.shape}")
 
 
-def decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len):
+def decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_kv, own_len):
     """The XLA path: scores in fp32 over both key sets with masks, one softmax."""
     p, n, heads, h = q.shape
     kv, s = prompt_k.shape[1], prompt_k.shape[2]
-    length = own_k.shape[3]
+    length = own_kv.shape[4]
+    own_k, own_v = own_kv[:, :, :, 0], own_kv[:, :, :, 1]
     qg = q.reshape(p, n, kv, heads // kv, h)
     scale = h ** -0.5
     shared = jnp.einsum("PNKGH,PKSH->PNKGS", qg, prompt_k, preferred_element_type=jnp.float32) * scale
@@ -92,15 +94,15 @@ def pallas_supported(q_shape, prompt_shape, own_shape) -> bool:
     """Whether the Pallas kernel takes these shapes (else the XLA path is used)."""
     p, n, heads, h = q_shape
     kv, s = prompt_shape[1], prompt_shape[2]
-    length = own_shape[3]
+    length = own_shape[4]
     pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
     return (pow2(n) and pow2(heads // kv) and pow2(h) and h >= 16
             and _block(s, 64) is not None and _block(length, 64) is not None)
 
 
-def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
+def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, own_ref, o_ref, *,
             n, group, rows, block_s, block_l, prompt_len, scale, dot_dtype):
-    # q_ref [n, G, H] (or [R, H]: R = n*G padded to >= 16), pk/pv [S, H], ok/ov [n, L, H],
+    # q_ref [n, G, H] (or [R, H]: R = n*G padded to >= 16), pk/pv [S, H], own [n, 2, L, H],
     # len [n], start [1]; o_ref like q_ref
     h = q_ref.shape[-1]
     q = q_ref[...].reshape(rows, h) if q_ref.ndim == 3 else q_ref[...]
@@ -143,8 +145,8 @@ def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
         length = len_ref[j]
 
         def own_body(b, carry, j=j, length=length):
-            k = ok_ref[j, pl.ds(b * block_l, block_l), :].astype(q.dtype)
-            v = ov_ref[j, pl.ds(b * block_l, block_l), :]
+            k = own_ref[j, 0, pl.ds(b * block_l, block_l), :].astype(q.dtype)
+            v = own_ref[j, 1, pl.ds(b * block_l, block_l), :]
             v = jnp.where(b * block_l + slots_l < length, v, jnp.zeros_like(v))
             scores = jax.lax.dot(q, k.T, preferred_element_type=jnp.float32)
             ok = (sample_of_row == j) & (b * block_l + cols_l < length)
@@ -155,10 +157,10 @@ def _kernel(start_ref, len_ref, q_ref, pk_ref, pv_ref, ok_ref, ov_ref, o_ref, *,
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype).reshape(o_ref.shape)
 
 
-def _pallas(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, *, interpret: bool):
+def _pallas(q, prompt_k, prompt_v, prompt_start, own_kv, own_len, *, interpret: bool):
     p, n, heads, h = q.shape
     kv, s = prompt_k.shape[1], prompt_k.shape[2]
-    length = own_k.shape[3]
+    length = own_kv.shape[4]
     group = heads // kv
     rows = max(n * group, _MIN_ROWS)
     direct = n * group >= _MIN_ROWS
@@ -189,15 +191,14 @@ def _pallas(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, *, inter
             q_spec,
             pl.BlockSpec((None, None, s, h), lambda i, k: (i, k, 0, 0)),
             pl.BlockSpec((None, None, s, h), lambda i, k: (i, k, 0, 0)),
-            pl.BlockSpec((None, n, None, length, h), lambda i, k: (i, 0, k, 0, 0)),
-            pl.BlockSpec((None, n, None, length, h), lambda i, k: (i, 0, k, 0, 0)),
+            pl.BlockSpec((None, n, None, 2, length, h), lambda i, k: (i, 0, k, 0, 0, 0)),
         ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qk.shape, q.dtype),
         interpret=interpret,
         **kwargs,
     )(prompt_start.astype(jnp.int32)[:, None], own_len.astype(jnp.int32), qk, prompt_k, prompt_v,
-      own_k, own_v)
+      own_kv)
     if not direct:
         out = out[:, :, :n * group].reshape(p, kv, n, group, h).transpose(0, 2, 1, 3, 4)
     return out.reshape(p, n, heads, h)
@@ -218,16 +219,16 @@ def resolve_impl(impl: str, q_shape, prompt_shape, own_shape, sharded: bool = Fa
     return "pallas"
 
 
-def decode_attention(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len, *,
+def decode_attention(q, prompt_k, prompt_v, prompt_start, own_kv, own_len, *,
                      impl: str = "xla") -> jax.Array:
     """Attention of one new token per sample over (shared prompt KV, own KV); [P, n, N, H]."""
-    _check(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len)
-    impl = resolve_impl(impl, q.shape, prompt_k.shape, own_k.shape)
+    _check(q, prompt_k, prompt_v, prompt_start, own_kv, own_len)
+    impl = resolve_impl(impl, q.shape, prompt_k.shape, own_kv.shape)
     if impl == "xla":
-        return decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len)
-    if not pallas_supported(q.shape, prompt_k.shape, own_k.shape):
+        return decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_kv, own_len)
+    if not pallas_supported(q.shape, prompt_k.shape, own_kv.shape):
         raise ValueError(
             f"decode_attention: the Pallas kernel needs power-of-two n, N/K and H and prompt/own "
-            f"lengths divisible by 16; got q {q.shape}, prompt {prompt_k.shape}, own {own_k.shape}")
-    return _pallas(q, prompt_k, prompt_v, prompt_start, own_k, own_v, own_len,
+            f"lengths divisible by 16; got q {q.shape}, prompt {prompt_k.shape}, own {own_kv.shape}")
+    return _pallas(q, prompt_k, prompt_v, prompt_start, own_kv, own_len,
                    interpret=impl == "interpret")

@@ -276,14 +276,15 @@ class PrefixKV(NamedTuple):
 
 
 class SampleKV(NamedTuple):
-    """The samples' own KV: one preallocated buffer per layer, [P, n, K, L, H].
+    """The samples' own KV: one preallocated buffer per layer, [P, n, K, 2, L, H].
 
-    Allocated once per `generate` call for the whole completion length L and
-    donated through the decode loop; step s writes slot s, and each row reads
-    only its first `lengths[row]` slots.
+    Keys and values share the buffer (index 0 and 1 of its fourth axis), so a
+    decode step writes a token's K and V with one update per layer. Allocated
+    once per `generate` call for the whole completion length L and donated
+    through the decode loop; step s writes slot s, and each row reads only its
+    first `lengths[row]` slots.
     """
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    kv: tuple[jax.Array, ...]
 
 
 class DecodeWeights(NamedTuple):
@@ -351,9 +352,8 @@ def prefill(model: Transformer, tokens: jax.Array, attention_mask: jax.Array
 
 def empty_sample_kv(cfg: ModelConfig, num_prompts: int, n: int, length: int, dtype=None) -> SampleKV:
     dtype = dtype or cfg.jnp_dtype
-    shape = (num_prompts, n, cfg.num_kv_heads, length, cfg.head_dim)
-    return SampleKV(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                    tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+    shape = (num_prompts, n, cfg.num_kv_heads, 2, length, cfg.head_dim)
+    return SampleKV(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
 def _rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -374,10 +374,11 @@ def _rope_pairs(x: jax.Array, cos2: jax.Array, sin2: jax.Array) -> jax.Array:
     return (pairs * c + jnp.flip(pairs, axis=-2) * s).reshape(x.shape)
 
 
-def _decode_layer(w: dict, x, cos, sin, prefix_k, prefix_v, start, cache_k, cache_v, slot, lengths,
+def _decode_layer(w: dict, x, cos, sin, prefix_k, prefix_v, start, cache, slot, lengths,
                   cfg: ModelConfig, attention_impl: str, mesh):
-    """One layer for one new token per sample: x [B=P*n, D]; writes this token's KV at `slot`."""
-    p, n = cache_k.shape[:2]
+    """One layer for one new token per sample: x [B=P*n, D]; writes this token's K and V at
+    `slot` of the layer's buffer `cache` [P, n, K, 2, L, H] with one update."""
+    p, n = cache.shape[:2]
     b = x.shape[0]
     k_heads, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     eps = cfg.rms_norm_eps
@@ -388,19 +389,17 @@ def _decode_layer(w: dict, x, cos, sin, prefix_k, prefix_v, start, cache_k, cach
         q = layers.rms_norm(q, w["q_norm"], eps)
         k = layers.rms_norm(k, w["k_norm"], eps)
     q, k = _rope_pairs(q, cos, sin), _rope_pairs(k, cos, sin)
-    # [P*n, K, H] -> [P, n, K, 1, H]: a pure reshape; one slot written in place per layer
-    k = k.reshape(p, n, k_heads, 1, hd).astype(cache_k.dtype)
-    v = v.reshape(p, n, k_heads, 1, hd).astype(cache_v.dtype)
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k, slot, axis=3)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v, slot, axis=3)
+    # [P*n, K, 2, H] -> [P, n, K, 2, 1, H]: a pure reshape; K and V written in place together
+    kv = jnp.stack([k, v], axis=2).reshape(p, n, k_heads, 2, 1, hd).astype(cache.dtype)
+    cache = jax.lax.dynamic_update_slice_in_dim(cache, kv, slot, axis=4)
     q = constrain(q.reshape(p, n, k_heads * g, hd), ("batch", None, "q_heads", None), mesh)
-    attn = decode_attention(q, prefix_k, prefix_v, start, cache_k, cache_v, lengths.reshape(p, n),
+    attn = decode_attention(q, prefix_k, prefix_v, start, cache, lengths.reshape(p, n),
                             impl=attention_impl)
     x = x + jnp.einsum("BNH,NHD->BD", attn.reshape(b, k_heads * g, hd), w["o"])
     h = layers.rms_norm(x, w["mlp_norm"], eps)
     gu = jnp.einsum("BD,DTF->BTF", h, w["gate_up"])
     x = x + jnp.einsum("BF,FD->BD", jax.nn.silu(gu[:, 0]) * gu[:, 1], w["down"])
-    return constrain(x, ("batch", None), mesh), cache_k, cache_v
+    return constrain(x, ("batch", None), mesh), cache
 
 
 def decode_step(weights: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
@@ -415,15 +414,14 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, pos
     dtype = cfg.jnp_dtype
     x = constrain(jnp.take(weights.embed, tokens, axis=0).astype(dtype), ("batch", None), mesh)
     cos, sin = _rope_tables(positions, cfg)
-    new_k, new_v = [], []
+    new_kv = []
     for i, w in enumerate(weights.layers):
-        x, ck, cv = _decode_layer(w, x, cos, sin, prefix.k[i], prefix.v[i], prefix.start,
-                                  cache.k[i], cache.v[i], slot, lengths, cfg, attention_impl, mesh)
-        new_k.append(ck)
-        new_v.append(cv)
+        x, kv = _decode_layer(w, x, cos, sin, prefix.k[i], prefix.v[i], prefix.start,
+                              cache.kv[i], slot, lengths, cfg, attention_impl, mesh)
+        new_kv.append(kv)
     x = layers.rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
     if weights.unembed is None:
         logits = jnp.einsum("BD,VD->BV", x, weights.embed, preferred_element_type=jnp.float32)
     else:
         logits = jnp.einsum("BD,DV->BV", x, weights.unembed, preferred_element_type=jnp.float32)
-    return logits, SampleKV(tuple(new_k), tuple(new_v))
+    return logits, SampleKV(tuple(new_kv))

@@ -22,17 +22,18 @@ def _inputs(p, n, heads, kv, h, s, length, seed=0, dtype=jnp.float32):
     q = jax.random.normal(ks[0], (p, n, heads, h), dtype)
     pk = jax.random.normal(ks[1], (p, kv, s, h), dtype)
     pv = jax.random.normal(ks[2], (p, kv, s, h), dtype)
-    ok = jax.random.normal(ks[3], (p, n, kv, length, h), dtype)
-    ov = jax.random.normal(ks[4], (p, n, kv, length, h), dtype)
+    own = jnp.stack([jax.random.normal(ks[3], (p, n, kv, length, h), dtype),
+                     jax.random.normal(ks[4], (p, n, kv, length, h), dtype)], axis=3)
     rng = np.random.default_rng(seed)
     start = rng.integers(0, s, p).astype(np.int32)  # at least one real prompt token
     lens = rng.integers(0, length + 1, (p, n)).astype(np.int32)
     lens.flat[0], lens.flat[-1] = 0, length  # an empty row and a full one
-    return q, pk, pv, jnp.asarray(start), ok, ov, jnp.asarray(lens)
+    return q, pk, pv, jnp.asarray(start), own, jnp.asarray(lens)
 
 
-def _numpy_attention(q, pk, pv, start, ok, ov, lens):
-    q, pk, pv, ok, ov = (np.asarray(x, np.float64) for x in (q, pk, pv, ok, ov))
+def _numpy_attention(q, pk, pv, start, own, lens):
+    q, pk, pv, own = (np.asarray(x, np.float64) for x in (q, pk, pv, own))
+    ok, ov = own[:, :, :, 0], own[:, :, :, 1]
     p, n, heads, h = q.shape
     kv = pk.shape[1]
     out = np.zeros_like(q)
@@ -77,13 +78,13 @@ def test_kernel_bf16_close_to_reference():
 
 def test_slots_past_each_length_are_never_used():
     """Garbage (even NaN) in the empty tail of the own buffer and in the prompt padding changes nothing."""
-    q, pk, pv, start, ok, ov, lens = _inputs(*SHAPES["gqa2-n4"], seed=3)
-    slot = jnp.arange(ok.shape[3])[None, None, None, :, None]
-    tail = slot >= lens[:, :, None, None, None]
+    q, pk, pv, start, own, lens = _inputs(*SHAPES["gqa2-n4"], seed=3)
+    slot = jnp.arange(own.shape[4])[None, None, None, None, :, None]
+    tail = slot >= lens[:, :, None, None, None, None]
     pad = jnp.arange(pk.shape[2])[None, None, :, None] < start[:, None, None, None]
     dirty = (q, jnp.where(pad, jnp.nan, pk), jnp.where(pad, jnp.nan, pv), start,
-             jnp.where(tail, jnp.nan, ok), jnp.where(tail, jnp.nan, ov), lens)
-    clean = _reference(q, pk, pv, start, ok, ov, lens)
+             jnp.where(tail, jnp.nan, own), lens)
+    clean = _reference(q, pk, pv, start, own, lens)
     got = _interpret(*dirty)
     np.testing.assert_allclose(np.asarray(got), np.asarray(clean), rtol=0, atol=1e-5)
 
@@ -96,8 +97,8 @@ def test_kernel_lowers_for_gpu(shape):
     """The Triton lowering runs on a CPU-only host (jax.export for the cuda platform)."""
     p, n, heads, kv, h, s, length = shape
     shapes = [((p, n, heads, h), jnp.bfloat16), ((p, kv, s, h), jnp.bfloat16),
-              ((p, kv, s, h), jnp.bfloat16), ((p,), jnp.int32), ((p, n, kv, length, h), jnp.bfloat16),
-              ((p, n, kv, length, h), jnp.bfloat16), ((p, n), jnp.int32)]
+              ((p, kv, s, h), jnp.bfloat16), ((p,), jnp.int32), ((p, n, kv, 2, length, h), jnp.bfloat16),
+              ((p, n), jnp.int32)]
     fn = jax.jit(lambda *a: da.decode_attention(*a, impl="pallas"))
     exported = jax.export.export(
         fn, platforms=["cuda"],
@@ -107,25 +108,29 @@ def test_kernel_lowers_for_gpu(shape):
 
 
 def test_auto_uses_xla_where_pallas_is_not_used():
-    q, pk, pv, start, ok, ov, lens = _inputs(*SHAPES["gqa2-n4"])
+    q, pk, pv, start, own, lens = _inputs(*SHAPES["gqa2-n4"])
     assert jax.default_backend() == "cpu"
-    assert da.resolve_impl("auto", q.shape, pk.shape, ok.shape) == "xla"
+    assert da.resolve_impl("auto", q.shape, pk.shape, own.shape) == "xla"
     auto = jax.jit(functools.partial(da.decode_attention, impl="auto"))
-    np.testing.assert_array_equal(np.asarray(auto(q, pk, pv, start, ok, ov, lens)),
-                                  np.asarray(_reference(q, pk, pv, start, ok, ov, lens)))
-    assert not da.pallas_supported((2, 3, 8, 16), (2, 4, 32, 16), (2, 3, 4, 48, 16))  # n = 3
-    assert not da.pallas_supported((2, 4, 8, 16), (2, 4, 24, 16), (2, 4, 4, 48, 16))  # S = 24
+    np.testing.assert_array_equal(np.asarray(auto(q, pk, pv, start, own, lens)),
+                                  np.asarray(_reference(q, pk, pv, start, own, lens)))
+    assert da.pallas_supported((2, 4, 8, 16), (2, 4, 32, 16), (2, 4, 4, 2, 48, 16))
+    assert not da.pallas_supported((2, 3, 8, 16), (2, 4, 32, 16), (2, 3, 4, 2, 48, 16))  # n = 3
+    assert not da.pallas_supported((2, 4, 8, 16), (2, 4, 24, 16), (2, 4, 4, 2, 48, 16))  # S = 24
+    assert not da.pallas_supported((2, 4, 8, 16), (2, 4, 32, 16), (2, 4, 4, 2, 40, 16))  # L = 40
 
 
 def test_bad_input_is_rejected():
-    q, pk, pv, start, ok, ov, lens = _inputs(*SHAPES["gqa2-n4"])
+    q, pk, pv, start, own, lens = _inputs(*SHAPES["gqa2-n4"])
     with pytest.raises(ValueError, match="impl must be one of"):
-        da.decode_attention(q, pk, pv, start, ok, ov, lens, impl="cuda")
+        da.decode_attention(q, pk, pv, start, own, lens, impl="cuda")
     with pytest.raises(ValueError, match=r"q must be \[P, n, N, H\]"):
-        da.decode_attention(q[0], pk, pv, start, ok, ov, lens)
-    with pytest.raises(ValueError, match="own k/v must be"):
-        da.decode_attention(q, pk, pv, start, ok[:, :1], ov[:, :1], lens)
+        da.decode_attention(q[0], pk, pv, start, own, lens)
+    with pytest.raises(ValueError, match="own kv must be"):
+        da.decode_attention(q, pk, pv, start, own[:, :1], lens)
+    with pytest.raises(ValueError, match="own kv must be"):  # separate K and V are not taken
+        da.decode_attention(q, pk, pv, start, own[:, :, :, 0], lens)
     with pytest.raises(ValueError, match="own_len"):
-        da.decode_attention(q, pk, pv, start, ok, ov, lens[:, :1])
+        da.decode_attention(q, pk, pv, start, own, lens[:, :1])
     with pytest.raises(ValueError, match="Pallas kernel needs"):
-        da.decode_attention(q[:, :3], pk, pv, start, ok[:, :3], ov[:, :3], lens[:, :3], impl="interpret")
+        da.decode_attention(q[:, :3], pk, pv, start, own[:, :3], lens[:, :3], impl="interpret")

@@ -542,3 +542,20 @@ def test_length_buckets():
     from medssr_jax.sampler import _length_bucket
     assert [_length_bucket(s) for s in (1, 15, 16, 17, 127, 128, 511, 512, 513, 1023, 3071, 3072)] == \
         [16, 16, 16, 32, 128, 128, 512, 512, 1024, 1024, 3072, 3072]
+
+
+@pytest.mark.parametrize("attention,platform", [("xla", None), ("pallas", "cuda")])
+def test_a_decode_layer_step_writes_its_kv_once_and_runs_four_weight_matmuls(attention, platform):
+    """Per layer-step of the lowered decode loop (one more layer minus one layer): one
+    dynamic-update-slice writes the token's K and V together, and the weights enter four
+    matmuls (fused QKV, output, fused gate|up, down); the Pallas path adds one kernel call
+    and no other matmul. The Pallas program is lowered for CUDA on this host, not compiled."""
+    from launch.decode_ops import lower_decode_chunk, per_layer
+    cfg = models.preset("tiny")
+    counts = per_layer(lambda c: lower_decode_chunk(c, 2, 4, 32, 64, attention, platform), cfg,
+                       compile=False)["stablehlo_key_ops"]
+    assert counts["dynamic_update_slice"] == 1
+    if attention == "pallas":
+        assert (counts["dot_general"], counts["custom_call"]) == (4, 1)
+    else:  # the XLA path's attention: scores and values over the prompt KV and the own KV
+        assert (counts["dot_general"], counts["custom_call"]) == (4 + 4, 0)
