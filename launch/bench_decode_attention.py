@@ -23,7 +23,7 @@ from launch import benchmarking
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["qwen3_0p6b", "qwen3_8b"], "Model presets whose attention shapes are used.")
-flags.DEFINE_list("impls", ["pallas", "xla"], "Implementations (auto, xla, pallas, interpret).")
+flags.DEFINE_list("impls", ["pallas", "xla"], "Implementations (auto, xla, blocked, pallas, interpret).")
 flags.DEFINE_integer("prompts", 16, "Distinct prompts.")
 flags.DEFINE_integer("n", 8, "Samples per prompt.")
 flags.DEFINE_integer("prompt_len", 256, "Prompt tokens.")

@@ -30,7 +30,7 @@ flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the best is re
 flags.DEFINE_string("profile_dir", None, "Trace one extra run into this directory and print the "
                     "device ops that took the most time.")
 flags.DEFINE_integer("profile_top", 25, "How many device ops to list with --profile_dir.")
-flags.DEFINE_string("decode_attention", "auto", "Decode attention: auto, xla, pallas or interpret.")
+flags.DEFINE_string("decode_attention", "auto", "Decode attention: auto, xla, blocked, pallas or interpret.")
 flags.DEFINE_string("rng", "threefry2x32", "PRNG for the draws: threefry2x32, rbg or unsafe_rbg.")
 flags.DEFINE_bool("smoke", False, "The tiny preset on a small workload in float32 (checks that the "
                   "benchmark runs, e.g. on CPU); the figures mean nothing.")

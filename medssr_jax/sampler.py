@@ -14,8 +14,10 @@
   serves every chunk of every call with the same (prompt-count bucket, prompt
   bucket, length bucket): the number of new tokens does not add compilations.
 - Decode attention over (shared prompt KV, own KV) is one softmax merged by
-  log-sum-exp: a Pallas kernel on GPUs, the XLA path elsewhere and as the
-  reference (`decode_attention="auto" | "xla" | "pallas" | "interpret"`).
+  log-sum-exp: a Pallas kernel on GPUs; elsewhere the XLA path, which past
+  512 slots reads the own KV in blocks only up to the longest row
+  (`decode_attention="auto" | "xla" | "blocked" | "pallas" | "interpret"`;
+  "xla", over the whole buffers, is the reference).
 - The weights a decode step reads are fused (one QKV and one gate|up matmul
   per layer) and cast to the compute dtype once per call.
 - Per-token logprobs are those of the sampled token under the model's
@@ -229,8 +231,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
     the tokens so far, int32 [num_prompts * n, t] (row i * n + j is sample j of
     prompt i; finished rows continue with pad_id): what a streaming server sends.
     decode_attention: "auto" (the Pallas kernel on a GPU without a mesh when the
-    shapes suit it, else XLA), "xla", "pallas" or "interpret" (the kernel in
-    Pallas interpret mode, for tests).
+    shapes suit it; else "blocked" for completions longer than 512 tokens and
+    "xla" for shorter ones), "xla" (whole buffers, the reference), "blocked"
+    (the own KV in blocks up to the longest row), "pallas" or "interpret" (the
+    kernel in Pallas interpret mode, for tests).
     rng: the PRNG for the draws: "threefry2x32" (default), or the faster "rbg" /
     "unsafe_rbg" (jax's RngBitGenerator keys); each is reproducible per seed.
     """
@@ -317,7 +321,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
         kv_shape = (p_pad, n, cfg.num_kv_heads, 2, length, cfg.head_dim)
         impl = attention_impls.resolve_impl(
             decode_attention, (p_pad, n, cfg.num_heads, cfg.head_dim),
-            (p_pad, cfg.num_kv_heads, s_pad, cfg.head_dim), kv_shape, sharded)
+            (p_pad, cfg.num_kv_heads, s_pad, cfg.head_dim), kv_shape, sharded, cfg.jnp_dtype)
         kv_sharding = None if not sharded else logical_to_sharding(
             ("batch", None, "kv_heads", None, None, "head_dim"), mesh, kv_shape)
         weights = _decode_weights(graphdef, state)
@@ -337,12 +341,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, n: int = 1
             try:
                 out = _decode_chunk(*args, attention_impl=impl, **static)
             except Exception as e:  # noqa: BLE001 - only the automatic kernel choice falls back
-                if decode_attention != "auto" or impl == "xla" or step:
+                if decode_attention != "auto" or impl != "pallas" or step:
                     raise
                 print(f"sampler: the Pallas decode-attention kernel failed to build "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using the XLA path",
                       file=sys.stderr)
-                impl = "xla"
+                impl = attention_impls.xla_impl(length, cfg.jnp_dtype)
                 out = _decode_chunk(*args, attention_impl=impl, **static)
             cache, last, positions, lengths, done, toks, lps, ran = out
             ran = int(host_array(ran))

@@ -10,9 +10,13 @@ with one update), valid in slots < own_len[p, j].
 Both key sets enter one softmax: the scores of the two are merged by
 log-sum-exp (an online softmax over the prompt blocks, then the own blocks).
 
-Two implementations with one contract:
-- "xla": einsums over the whole buffers with masks; the reference, and the
-  path everywhere Pallas is not used (CPU, TPU, sharded meshes).
+Three implementations with one contract:
+- "xla": einsums over the whole buffers with masks; the reference.
+- "blocked": the same einsums over the prompt KV, then the own KV in blocks
+  of up to 512 slots, only as many blocks as the longest row needs (a
+  while-loop with an online softmax): the path where Pallas is not used
+  (CPU, TPU, sharded meshes) once the buffer is longer than one block, so
+  the empty tail of the preallocated buffer is not read there either.
 - "pallas": a Pallas (Triton) kernel for GPUs. One program per (prompt, KV
   head) holds the n*G query rows of that group, reads the prompt KV once for
   the n samples, and reads each sample's own KV only up to its length (empty
@@ -34,8 +38,10 @@ try:
 except ImportError:  # a jaxlib without Pallas still has the XLA path
     pl = None
 
-IMPLS = ("auto", "xla", "pallas", "interpret")
+IMPLS = ("auto", "xla", "blocked", "pallas", "interpret")
 _MIN_ROWS = 16  # Triton's smallest dot operand
+OWN_BLOCK = 512  # own-KV slots per block of the "blocked" path (the largest power of two <= it
+                 # that divides the buffer length)
 
 
 def _check(q, prompt_k, prompt_v, prompt_start, own_kv, own_len):
@@ -78,6 +84,63 @@ def decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_kv, own_
     out = (jnp.einsum("PNKGS,PKSH->PNKGH", (e_shared / total).astype(prompt_v.dtype), prompt_v)
            + jnp.einsum("PNKGL,PNKLH->PNKGH", (e_own / total).astype(own_v.dtype), own_v))
     return out.reshape(p, n, heads, h).astype(q.dtype)
+
+
+def own_block(length: int, cap: int = OWN_BLOCK) -> int:
+    """The "blocked" path's block: the largest power of two <= cap dividing length (else length)."""
+    b = 1 << max(cap, 1).bit_length() - 1
+    while b > 1 and length % b:
+        b //= 2
+    return b if length % b == 0 and b > 1 else length
+
+
+def own_blocks_read(own_len, block: int):
+    """How many own-KV blocks the "blocked" path reads: enough for the longest row."""
+    return (jnp.max(own_len) + block - 1) // block
+
+
+def decode_attention_blocked(q, prompt_k, prompt_v, prompt_start, own_kv, own_len,
+                             block: int | None = None):
+    """The XLA path without reading empty slots: the prompt KV as in the reference, then the
+    own KV in blocks up to the longest row's length, merged by an online softmax (fp32)."""
+    p, n, heads, h = q.shape
+    kv, s = prompt_k.shape[1], prompt_k.shape[2]
+    length = own_kv.shape[4]
+    block = own_block(length) if block is None else block
+    if block < 1 or length % block:
+        raise ValueError(f"decode_attention: block {block} does not divide the own length {length}")
+    # XLA:CPU cannot run every fused bf16 x bf16 -> f32 dot ("Unsupported element type for
+    # DotThunk"). There the operands go to fp32 after their rounding to the input dtype:
+    # products of bf16/fp16 numbers are exact in fp32, so only the summation order differs.
+    low = own_kv.dtype != jnp.float32 and jax.default_backend() == "cpu"
+    up = (lambda x: x.astype(jnp.float32)) if low else (lambda x: x)
+    qg = up(q.reshape(p, n, kv, heads // kv, h))
+    scale = h ** -0.5
+    shared = jnp.einsum("PNKGH,PKSH->PNKGS", qg, up(prompt_k), preferred_element_type=jnp.float32) * scale
+    shared_ok = jnp.arange(s)[None, :] >= prompt_start[:, None]  # [P, S]
+    shared = jnp.where(shared_ok[:, None, None, None, :], shared, MASK_VALUE)
+    m = jax.lax.stop_gradient(shared.max(-1))  # [P, n, K, G]: every prompt has a real token
+    e = jnp.exp(shared - m[..., None])
+    init = (jnp.einsum("PNKGS,PKSH->PNKGH", up(e.astype(prompt_v.dtype)), up(prompt_v),
+                       preferred_element_type=jnp.float32), m, e.sum(-1))
+    slots = jnp.arange(block)
+
+    def body(b, carry):
+        o, m, l = carry
+        own = jax.lax.dynamic_slice_in_dim(own_kv, b * block, block, axis=4)  # [P, n, K, 2, blk, H]
+        ok = (b * block + slots)[None, None, :] < own_len[:, :, None]  # [P, n, blk]
+        k, v = own[:, :, :, 0], jnp.where(ok[:, :, None, :, None], own[:, :, :, 1], 0)
+        scores = jnp.einsum("PNKGH,PNKLH->PNKGL", qg, up(k), preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(ok[:, :, None, None, :], scores, MASK_VALUE)
+        m_next = jnp.maximum(m, scores.max(-1))
+        corr = jnp.exp(m - m_next)
+        e = jnp.exp(scores - m_next[..., None])
+        o = corr[..., None] * o + jnp.einsum("PNKGL,PNKLH->PNKGH", up(e.astype(v.dtype)), up(v),
+                                             preferred_element_type=jnp.float32)
+        return o, m_next, corr * l + e.sum(-1)
+
+    o, _, l = jax.lax.fori_loop(0, own_blocks_read(own_len, block), body, init)
+    return (o / l[..., None]).reshape(p, n, heads, h).astype(q.dtype)
 
 
 def _block(size: int, cap: int) -> int | None:
@@ -204,18 +267,29 @@ def _pallas(q, prompt_k, prompt_v, prompt_start, own_kv, own_len, *, interpret: 
     return out.reshape(p, n, heads, h)
 
 
-def resolve_impl(impl: str, q_shape, prompt_shape, own_shape, sharded: bool = False) -> str:
-    """"auto" -> "pallas" on a GPU for supported shapes without a mesh, else "xla"."""
+def xla_impl(own_length: int, dtype=jnp.float32) -> str:
+    """The XLA path for an own buffer of this length: "blocked" past one block, else "xla".
+    On CPU a bf16/fp16 buffer stays on "xla": XLA:CPU widens a narrow buffer that a loop reads
+    to fp32 as a whole, which costs more than the blocks save."""
+    narrow_on_cpu = jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
+    return "blocked" if own_length > OWN_BLOCK and not narrow_on_cpu else "xla"
+
+
+def resolve_impl(impl: str, q_shape, prompt_shape, own_shape, sharded: bool = False,
+                 dtype=jnp.float32) -> str:
+    """"auto" -> "pallas" on a GPU for supported shapes without a mesh; elsewhere `xla_impl`
+    ("blocked" when the own buffer is longer than OWN_BLOCK slots, else "xla")."""
     if impl not in IMPLS:
         raise ValueError(f"decode attention impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
+    xla = xla_impl(own_shape[4], dtype)
     if sharded or pl is None or jax.default_backend() != "gpu" or not pallas_supported(q_shape, prompt_shape, own_shape):
-        return "xla"
+        return xla
     try:
         from jax.experimental.pallas import triton  # noqa: F401
     except Exception:  # a jaxlib without the Triton backend
-        return "xla"
+        return xla
     return "pallas"
 
 
@@ -223,9 +297,11 @@ def decode_attention(q, prompt_k, prompt_v, prompt_start, own_kv, own_len, *,
                      impl: str = "xla") -> jax.Array:
     """Attention of one new token per sample over (shared prompt KV, own KV); [P, n, N, H]."""
     _check(q, prompt_k, prompt_v, prompt_start, own_kv, own_len)
-    impl = resolve_impl(impl, q.shape, prompt_k.shape, own_kv.shape)
+    impl = resolve_impl(impl, q.shape, prompt_k.shape, own_kv.shape, dtype=own_kv.dtype)
     if impl == "xla":
         return decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_kv, own_len)
+    if impl == "blocked":
+        return decode_attention_blocked(q, prompt_k, prompt_v, prompt_start, own_kv, own_len)
     if not pallas_supported(q.shape, prompt_k.shape, own_kv.shape):
         raise ValueError(
             f"decode_attention: the Pallas kernel needs power-of-two n, N/K and H and prompt/own "

@@ -516,6 +516,24 @@ def test_kernel_in_interpret_mode_samples_like_xla(qwen3):
             np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
 
 
+def test_blocked_xla_path_samples_like_the_reference():
+    """Past 512 slots the XLA path reads the own KV in blocks (what "auto" takes off GPUs):
+    the same tokens and logprobs as the whole-buffer reference over 600 new tokens, on one
+    device and on an 8-device mesh (the loop's trip count is a max over a sharded batch)."""
+    cfg = models.preset("tiny", max_position_embeddings=1100)
+    kw = dict(n=2, max_new_tokens=600, temperature=1.0, seed=6, eos_ids=[], progress=False)
+    prompts = [[3, 4, 5], [6, 7], [8], [9, 10, 11, 12]]
+    ref = generate(models.init_model(cfg), prompts, decode_attention="xla", **kw)
+    sharded = models.init_model(cfg, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    for model in (models.init_model(cfg), sharded):
+        got = generate(model, prompts, decode_attention="auto", **kw)
+        assert (ref.stats["decode_attention"], got.stats["decode_attention"]) == ("xla", "blocked")
+        for g_ref, g in zip(ref, got):
+            for a, b in zip(g_ref, g):
+                assert a.tokens == b.tokens and len(a.tokens) == 600
+                np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+
+
 def test_rbg_keys_reproduce_and_sample_the_tempered_softmax():
     params = SamplingParams(temperature=1.0)
     logits, perm = _rows(seed=4)
