@@ -30,6 +30,7 @@ flags.DEFINE_integer("prompt_len", 256, "Prompt tokens.")
 flags.DEFINE_integer("slots", 512, "Own KV slots per sample (the buffer length).")
 flags.DEFINE_integer("filled", 256, "Own slots in use per sample.")
 flags.DEFINE_integer("repeats", 50, "Timed calls.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Q/KV dtype (the smoke run uses float32).")
 flags.DEFINE_bool("smoke", False, "Tiny shapes, a few repeats (checks that the script runs, e.g. on CPU).")
 
 
@@ -56,7 +57,7 @@ def main(argv):
         p, n = (2, 4) if smoke else (FLAGS.prompts, FLAGS.n)
         s, slots, filled = (32, 32, 16) if smoke else (FLAGS.prompt_len, FLAGS.slots, FLAGS.filled)
         heads, kv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dtype = jnp.float32 if smoke else jnp.bfloat16
+        dtype = jnp.float32 if smoke else jnp.dtype(FLAGS.dtype)
         ks = jax.random.split(jax.random.key(0), 5)
         q = jax.random.normal(ks[0], (p, n, heads, h), dtype)
         pk = jax.random.normal(ks[1], (p, kv, s, h), dtype)
@@ -66,9 +67,10 @@ def main(argv):
         lens = jnp.full((p, n), filled, jnp.int32)
         want = bytes_read(p, n, kv, heads, h, s, filled, jnp.dtype(dtype).itemsize)
         reference = jax.jit(functools.partial(da.decode_attention, impl="xla"))(q, pk, pv, start, own, lens)
-        for impl in (["xla", "interpret"] if smoke else FLAGS.impls):
+        for impl in (["xla", "blocked", "interpret"] if smoke else FLAGS.impls):
             row = dict(kind="decode_attention_layer", model=name, impl=impl, device=str(jax.devices()[0]),
-                       prompts=p, n=n, prompt_len=s, slots=slots, filled=filled, bytes=want,
+                       dtype=jnp.dtype(dtype).name, prompts=p, n=n, prompt_len=s, slots=slots,
+                       filled=filled, bytes=want,
                        hbm_bytes_per_s=bw)
             try:
                 fn = jax.jit(functools.partial(da.decode_attention, impl=impl))
