@@ -40,8 +40,7 @@ except ImportError:  # a jaxlib without Pallas still has the XLA path
 
 IMPLS = ("auto", "xla", "blocked", "pallas", "interpret")
 _MIN_ROWS = 16  # Triton's smallest dot operand
-OWN_BLOCK = 512  # own-KV slots per block of the "blocked" path (the largest power of two <= it
-                 # that divides the buffer length)
+OWN_BLOCK = 512  # own-KV slots per block of the "blocked" path (see own_block)
 
 
 def _check(q, prompt_k, prompt_v, prompt_start, own_kv, own_len):
@@ -63,17 +62,27 @@ def _check(q, prompt_k, prompt_v, prompt_start, own_kv, own_len):
                          f" got {prompt_start.shape} and {own_len.shape}")
 
 
+def _prompt_scores(qg, prompt_k, prompt_start, scale):
+    """Scores [P, n, K, G, S] (fp32) of the grouped queries over the prompt KV, left padding masked."""
+    shared = jnp.einsum("PNKGH,PKSH->PNKGS", qg, prompt_k, preferred_element_type=jnp.float32) * scale
+    shared_ok = jnp.arange(prompt_k.shape[2])[None, :] >= prompt_start[:, None]  # [P, S]
+    return jnp.where(shared_ok[:, None, None, None, :], shared, MASK_VALUE)
+
+
+def _narrow_on_cpu(dtype) -> bool:
+    """A sub-fp32 dtype on XLA:CPU, which widens some of its dots and loops to fp32."""
+    return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
+
+
 def decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_kv, own_len):
     """The XLA path: scores in fp32 over both key sets with masks, one softmax."""
     p, n, heads, h = q.shape
-    kv, s = prompt_k.shape[1], prompt_k.shape[2]
+    kv = prompt_k.shape[1]
     length = own_kv.shape[4]
     own_k, own_v = own_kv[:, :, :, 0], own_kv[:, :, :, 1]
     qg = q.reshape(p, n, kv, heads // kv, h)
     scale = h ** -0.5
-    shared = jnp.einsum("PNKGH,PKSH->PNKGS", qg, prompt_k, preferred_element_type=jnp.float32) * scale
-    shared_ok = jnp.arange(s)[None, :] >= prompt_start[:, None]  # [P, S]
-    shared = jnp.where(shared_ok[:, None, None, None, :], shared, MASK_VALUE)
+    shared = _prompt_scores(qg, prompt_k, prompt_start, scale)
     own = jnp.einsum("PNKGH,PNKLH->PNKGL", qg, own_k, preferred_element_type=jnp.float32) * scale
     own_ok = jnp.arange(length)[None, None, :] < own_len[:, :, None]  # [P, n, L]
     own = jnp.where(own_ok[:, :, None, None, :], own, MASK_VALUE)
@@ -87,11 +96,9 @@ def decode_attention_reference(q, prompt_k, prompt_v, prompt_start, own_kv, own_
 
 
 def own_block(length: int, cap: int = OWN_BLOCK) -> int:
-    """The "blocked" path's block: the largest power of two <= cap dividing length (else length)."""
-    b = 1 << max(cap, 1).bit_length() - 1
-    while b > 1 and length % b:
-        b //= 2
-    return b if length % b == 0 and b > 1 else length
+    """The "blocked" path's block: the largest power of two <= cap (a power of two) dividing
+    length and >= 16, else the whole length in one block."""
+    return _block(length, cap) or length
 
 
 def own_blocks_read(own_len, block: int):
@@ -104,7 +111,7 @@ def decode_attention_blocked(q, prompt_k, prompt_v, prompt_start, own_kv, own_le
     """The XLA path without reading empty slots: the prompt KV as in the reference, then the
     own KV in blocks up to the longest row's length, merged by an online softmax (fp32)."""
     p, n, heads, h = q.shape
-    kv, s = prompt_k.shape[1], prompt_k.shape[2]
+    kv = prompt_k.shape[1]
     length = own_kv.shape[4]
     block = own_block(length) if block is None else block
     if block < 1 or length % block:
@@ -112,13 +119,10 @@ def decode_attention_blocked(q, prompt_k, prompt_v, prompt_start, own_kv, own_le
     # XLA:CPU cannot run every fused bf16 x bf16 -> f32 dot ("Unsupported element type for
     # DotThunk"). There the operands go to fp32 after their rounding to the input dtype:
     # products of bf16/fp16 numbers are exact in fp32, so only the summation order differs.
-    low = own_kv.dtype != jnp.float32 and jax.default_backend() == "cpu"
-    up = (lambda x: x.astype(jnp.float32)) if low else (lambda x: x)
+    up = (lambda x: x.astype(jnp.float32)) if _narrow_on_cpu(own_kv.dtype) else (lambda x: x)
     qg = up(q.reshape(p, n, kv, heads // kv, h))
     scale = h ** -0.5
-    shared = jnp.einsum("PNKGH,PKSH->PNKGS", qg, up(prompt_k), preferred_element_type=jnp.float32) * scale
-    shared_ok = jnp.arange(s)[None, :] >= prompt_start[:, None]  # [P, S]
-    shared = jnp.where(shared_ok[:, None, None, None, :], shared, MASK_VALUE)
+    shared = _prompt_scores(qg, up(prompt_k), prompt_start, scale)
     m = jax.lax.stop_gradient(shared.max(-1))  # [P, n, K, G]: every prompt has a real token
     e = jnp.exp(shared - m[..., None])
     init = (jnp.einsum("PNKGS,PKSH->PNKGH", up(e.astype(prompt_v.dtype)), up(prompt_v),
@@ -271,8 +275,7 @@ def xla_impl(own_length: int, dtype=jnp.float32) -> str:
     """The XLA path for an own buffer of this length: "blocked" past one block, else "xla".
     On CPU a bf16/fp16 buffer stays on "xla": XLA:CPU widens a narrow buffer that a loop reads
     to fp32 as a whole, which costs more than the blocks save."""
-    narrow_on_cpu = jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
-    return "blocked" if own_length > OWN_BLOCK and not narrow_on_cpu else "xla"
+    return "blocked" if own_length > OWN_BLOCK and not _narrow_on_cpu(dtype) else "xla"
 
 
 def resolve_impl(impl: str, q_shape, prompt_shape, own_shape, sharded: bool = False,
